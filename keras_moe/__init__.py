@@ -1,0 +1,34 @@
+"""keras_moe: the Sparsely-Gated Mixture-of-Experts layer for Keras 3.
+
+A port of the original TF1 `expert_utils.py` of Shazeer et al. (2017),
+"Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts
+Layer" (https://arxiv.org/abs/1701.06538), to Keras 3 layers on TensorFlow 2.
+"""
+
+import keras as _keras
+
+if _keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        "keras_moe requires the TensorFlow backend of Keras 3, but the "
+        f"'{_keras.backend.backend()}' backend is selected. Set the "
+        "environment variable KERAS_BACKEND=tensorflow before importing "
+        "keras (or edit ~/.keras/keras.json)."
+    )
+
+from keras_moe.balance import cv_squared, gates_to_load, max_overload
+from keras_moe.dispatch import SparseDispatcher
+from keras_moe.experts import FeedForwardExperts
+from keras_moe.gating import NoisyTopKGating
+from keras_moe.moe import MixtureOfExperts
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "MixtureOfExperts",
+    "NoisyTopKGating",
+    "FeedForwardExperts",
+    "SparseDispatcher",
+    "cv_squared",
+    "max_overload",
+    "gates_to_load",
+]

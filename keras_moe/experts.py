@@ -1,0 +1,186 @@
+"""Feed-forward experts: all `num_experts` of the original
+`FeedForwardExpert` in one layer, with stacked kernels."""
+
+import keras
+import tensorflow as tf
+
+from keras_moe import validation
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class FeedForwardExperts(keras.layers.Layer):
+    """`num_experts` feed-forward networks without biases, stacked.
+
+    The original `FeedForwardExpert` of Shazeer et al. (2017,
+    https://arxiv.org/abs/1701.06538), all experts in one layer: layer `l`
+    of every expert is `kernels[l]`, a variable `[num_experts, in_l, out_l]`,
+    and expert `i` is `kernels[l][i]`. Each layer is a matmul, then (with
+    `autoscale`) a multiplication by `(in_l / input_dim) ** -0.5` for layers
+    whose input size differs from the input's, then the hidden activation
+    (not after the last layer).
+
+    Each expert's slice of a kernel is initialized as if it were its own 2-D
+    variable (fan-in and fan-out of one expert, a different draw per
+    expert), as the original's separate variables were.
+
+    Args:
+        num_experts: int >= 1.
+        output_dim: int >= 1, or None for the input's size.
+        hidden_sizes: tuple of ints, the hidden layer sizes (empty: one
+            linear layer).
+        hidden_activation: activation after each hidden layer.
+        autoscale: bool, the original's `autoscale`.
+        kernel_initializer: initializer of each expert's kernels.
+        **kwargs: base layer keyword arguments.
+
+    Call arguments:
+        inputs: a float tensor `[rows, d]`, grouped by expert: expert 0's
+            rows first, then expert 1's, and so on (what
+            `SparseDispatcher.dispatch_concatenated` returns).
+        part_sizes: int tensor `[num_experts]`, how many rows each expert
+            has; it sums to `rows`.
+
+    Input shape:
+        `(rows, d)` and `(num_experts,)`.
+
+    Output shape:
+        `(rows, output_dim)`.
+
+    Returns:
+        Each row passed through its expert, in the same order.
+
+    Example:
+
+    >>> experts = FeedForwardExperts(num_experts=3, output_dim=4,
+    ...                              hidden_sizes=(16,))
+    >>> y = experts(tf.ones([5, 8]), part_sizes=tf.constant([2, 0, 3]))
+    >>> y.shape
+    TensorShape([5, 4])
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        output_dim,
+        hidden_sizes=(),
+        hidden_activation="relu",
+        autoscale=True,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_experts = validation.check_int("num_experts", num_experts, 1)
+        self.output_dim = (
+            None if output_dim is None
+            else validation.check_int("output_dim", output_dim, 1)
+        )
+        self.hidden_sizes = validation.check_sizes("hidden_sizes", hidden_sizes)
+        self.hidden_activation = keras.activations.get(hidden_activation)
+        self.autoscale = validation.check_bool("autoscale", autoscale)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape, part_sizes_shape=None):
+        validation.check_input_shape("inputs", input_shape, 2, 2)
+        input_dim = input_shape[-1]
+        output_dim = self.output_dim or input_dim
+        self.layer_sizes = (input_dim, *self.hidden_sizes, output_dim)
+        self.kernels = [
+            self.add_weight(
+                name=f"kernel_{layer}",
+                shape=(self.num_experts, fan_in, fan_out),
+                initializer=_expertwise(
+                    self.kernel_initializer, self.num_experts
+                ),
+            )
+            for layer, (fan_in, fan_out) in enumerate(
+                zip(self.layer_sizes[:-1], self.layer_sizes[1:])
+            )
+        ]
+
+    def call(self, inputs, part_sizes):
+        x = validation.check_float_tensor("inputs", inputs)
+        validation.check_input_shape(
+            "inputs", x.shape, 2, 2, self.layer_sizes[0]
+        )
+        x = tf.cast(x, self.compute_dtype)
+        parts = tf.split(x, part_sizes, num=self.num_experts, axis=0)
+        # One unstack per kernel: its gradient is one dense stack, not one
+        # full-size zero-padded gradient per expert as slicing would give.
+        per_expert_kernels = list(
+            zip(*[tf.unstack(kernel, num=self.num_experts)
+                  for kernel in self.kernels])
+        )
+        outputs = [
+            self._forward(part, kernels)
+            for part, kernels in zip(parts, per_expert_kernels)
+        ]
+        return tf.concat(outputs, 0)
+
+    def call_expert(self, x, expert_index):
+        """Expert `expert_index` (a Python int) alone on `x [m, d]`."""
+        validation.check_int(
+            "expert_index", expert_index, 0, self.num_experts - 1
+        )
+        x = tf.cast(validation.check_float_tensor("x", x), self.compute_dtype)
+        kernels = [
+            tf.cast(kernel[expert_index], self.compute_dtype)
+            for kernel in self.kernels
+        ]
+        return self._forward(x, kernels)
+
+    def _forward(self, x, kernels):
+        input_dim = self.layer_sizes[0]
+        num_layers = len(kernels)
+        for layer, kernel in enumerate(kernels):
+            x = tf.matmul(x, kernel)
+            fan_in = self.layer_sizes[layer]
+            if self.autoscale and fan_in != input_dim:
+                x *= (fan_in / input_dim) ** -0.5
+            if layer + 1 < num_layers:
+                x = self.hidden_activation(x)
+        return x
+
+    def compute_output_shape(self, input_shape, part_sizes_shape=None):
+        return (input_shape[0], self.output_dim or input_shape[-1])
+
+    def get_config(self):
+        base_config = super().get_config()
+        config = {
+            "num_experts": self.num_experts,
+            "output_dim": self.output_dim,
+            "hidden_sizes": list(self.hidden_sizes),
+            "hidden_activation": keras.activations.serialize(
+                self.hidden_activation
+            ),
+            "autoscale": self.autoscale,
+            "kernel_initializer": keras.initializers.serialize(
+                self.kernel_initializer
+            ),
+        }
+        return {**base_config, **config}
+
+
+def _expertwise(initializer, num_experts):
+    """Initializes a `[num_experts, *shape]` kernel one expert at a time.
+
+    Variance-scaling initializers would otherwise count the expert axis in
+    fan-in and fan-out, and a seeded initializer called twice repeats its
+    draw: each expert gets a clone with its own seed.
+    """
+
+    def initialize(shape, dtype=None):
+        expert_shape = tuple(shape[1:])
+        seed = getattr(initializer, "seed", None)
+        if isinstance(seed, int) and hasattr(initializer, "get_config"):
+            config = initializer.get_config()
+            experts = [
+                type(initializer).from_config({**config, "seed": seed + i})
+                for i in range(num_experts)
+            ]
+        else:
+            experts = [initializer] * num_experts
+        return tf.stack(
+            [expert(expert_shape, dtype=dtype) for expert in experts]
+        )
+
+    return initialize

@@ -1,0 +1,275 @@
+"""Noisy top-k gating: the original `NoisyTopKGating`, `_MyTopK`,
+`_ProbInTopK` and the normal-CDF load estimator."""
+
+import math
+
+import keras
+import tensorflow as tf
+
+from keras_moe import balance, validation
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class NoisyTopKGating(keras.layers.Layer):
+    """Noisy top-k gating network of the Sparsely-Gated Mixture-of-Experts.
+
+    From Shazeer et al. (2017), "Outrageously Large Neural Networks: The
+    Sparsely-Gated Mixture-of-Experts Layer"
+    (https://arxiv.org/abs/1701.06538), section 2.1 and appendix A. Each row
+    of the input gets logits `x @ gate_kernel`; while training, normal noise
+    with a learned, input-dependent standard deviation
+    `softplus(x @ noise_kernel) + noise_epsilon` is added. The gates are a
+    softmax over the `k` largest logits of each row and zero elsewhere.
+
+    The load is what the balancing loss reads: when the gating is noisy and
+    `k < num_experts` it is the smooth estimate
+    `sum_rows P(expert in top k | other noise)` through the normal CDF, so it
+    has a gradient; in inference (zero noise) this estimate is the count of
+    rows routed to each expert, up to ties. Otherwise it is the true count.
+
+    All gating math runs in float32 whatever the dtype policy, and the
+    weights are never autocast.
+
+    Args:
+        num_experts: int >= 1, the number of experts `n`.
+        k: int in `[1, num_experts]`, the number of experts each row uses.
+        noisy_gating: bool, whether to add tunable noise while training
+            (the paper's load balancing needs it).
+        noise_epsilon: float >= 0, added to the noise standard deviation for
+            numerical stability.
+        kernel_initializer: initializer of `gate_kernel` and `noise_kernel`.
+            The original's default is zeros.
+        seed: optional int, the seed of the gating noise.
+        **kwargs: base layer keyword arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: a float tensor `[tokens, d]`.
+        training: Python bool; noise is added only when true.
+        noise: optional float tensor `[tokens, num_experts]`, the
+            standard-normal draw to use instead of a fresh one (to replay a
+            step or to compare with another implementation).
+
+    Input shape:
+        `(tokens, d)`.
+
+    Output shape:
+        gates `(tokens, num_experts)` and load `(num_experts,)`, both float32.
+
+    Returns:
+        A tuple `(gates, load)`. Each row of `gates` has `k` non-zeros (fewer
+        only if a softmax underflows) summing to 1.
+
+    Example:
+
+    >>> gating = NoisyTopKGating(num_experts=4, k=2)
+    >>> gates, load = gating(np.random.rand(3, 8).astype("float32"))
+    >>> gates.shape, load.shape
+    (TensorShape([3, 4]), TensorShape([4]))
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        k=2,
+        noisy_gating=True,
+        noise_epsilon=1e-2,
+        kernel_initializer="zeros",
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_experts = validation.check_int("num_experts", num_experts, 1)
+        self.k = validation.check_int("k", k, 1, self.num_experts)
+        self.noisy_gating = validation.check_bool("noisy_gating", noisy_gating)
+        self.noise_epsilon = validation.check_non_negative_float(
+            "noise_epsilon", noise_epsilon
+        )
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        if seed is not None:
+            validation.check_int("seed", seed, 0)
+        self.seed = seed
+        self.seed_generator = (
+            keras.random.SeedGenerator(seed) if self.noisy_gating else None
+        )
+        # Gating math is float32 under every policy: Keras must neither
+        # round the inputs (and `noise`) to float16 nor autocast the kernels.
+        self.autocast = False
+
+    def build(self, input_shape):
+        validation.check_input_shape("inputs", input_shape, 2, 2)
+        input_dim = input_shape[-1]
+        self.gate_kernel = self.add_weight(
+            name="gate_kernel",
+            shape=(input_dim, self.num_experts),
+            initializer=self.kernel_initializer,
+            autocast=False,
+        )
+        if self.noisy_gating:
+            self.noise_kernel = self.add_weight(
+                name="noise_kernel",
+                shape=(input_dim, self.num_experts),
+                initializer=self.kernel_initializer,
+                autocast=False,
+            )
+        else:
+            self.noise_kernel = None
+
+    @property
+    def input_dim(self):
+        return self.gate_kernel.shape[0] if self.built else None
+
+    def call(self, inputs, training=None, noise=None):
+        x = validation.check_float_tensor("inputs", inputs)
+        validation.check_input_shape("inputs", x.shape, 2, 2, self.input_dim)
+        x = validation.check_finite("inputs", tf.cast(x, tf.float32))
+        clean_logits = tf.matmul(x, tf.cast(self.gate_kernel, tf.float32))
+        noisy = self.noisy_gating and bool(training)
+        if noisy:
+            noise_stddev = (
+                tf.nn.softplus(
+                    tf.matmul(x, tf.cast(self.noise_kernel, tf.float32))
+                )
+                + self.noise_epsilon
+            )
+            if noise is None:
+                noise = keras.random.normal(
+                    tf.shape(clean_logits), seed=self.seed_generator
+                )
+            else:
+                noise = validation.check_float_tensor("noise", noise)
+                noise = validation.check_leading_shape(
+                    "noise", noise, x, "inputs", (self.num_experts,)
+                )
+                noise = tf.cast(noise, tf.float32)
+            logits = clean_logits + noise * noise_stddev
+        else:
+            # The original multiplies the stddev by `train`, so in inference
+            # the noise is exactly zero: skip the draw and the noise matmul.
+            # (This also keeps the noise kernel's gradient at zero, where the
+            # original's is NaN: 0 * inf inside the erf gradient.)
+            noise_stddev = tf.zeros_like(clean_logits)
+            logits = clean_logits
+        top_logits, top_indices = top_k_by_argmax(
+            logits, min(self.k + 1, self.num_experts)
+        )
+        top_k_gates = tf.nn.softmax(top_logits[:, : self.k])
+        gates = scatter_rows(
+            top_k_gates, top_indices[:, : self.k], self.num_experts
+        )
+        if self.noisy_gating and self.k < self.num_experts:
+            load = tf.reduce_sum(
+                prob_in_top_k(
+                    clean_logits, logits, noise_stddev, top_logits, self.k
+                ),
+                0,
+            )
+        else:
+            load = balance.gates_to_load(gates)
+        return gates, load
+
+    def compute_output_shape(self, input_shape):
+        return (
+            (input_shape[0], self.num_experts),
+            (self.num_experts,),
+        )
+
+    def compute_output_spec(self, inputs, training=None, noise=None):
+        gates_shape, load_shape = self.compute_output_shape(inputs.shape)
+        return (
+            keras.KerasTensor(gates_shape, dtype="float32"),
+            keras.KerasTensor(load_shape, dtype="float32"),
+        )
+
+    def get_config(self):
+        base_config = super().get_config()
+        config = {
+            "num_experts": self.num_experts,
+            "k": self.k,
+            "noisy_gating": self.noisy_gating,
+            "noise_epsilon": self.noise_epsilon,
+            "kernel_initializer": keras.initializers.serialize(
+                self.kernel_initializer
+            ),
+            "seed": self.seed,
+        }
+        return {**base_config, **config}
+
+
+def top_k_by_argmax(x, k):
+    """The original `_MyTopK`: the top `k` values and indices of each row.
+
+    For `k <= 10` it takes `k` successive argmaxes, knocking each winner out
+    with -1e9, exactly as the original (ties go to the lower index, and the
+    gradient of a tied maximum is shared as `reduce_max` shares it). For
+    larger `k` it is `tf.math.top_k`.
+
+    Args:
+        x: a float tensor `[rows, n]`.
+        k: a Python int, `1 <= k <= n`.
+
+    Returns:
+        `(values [rows, k], indices [rows, k] int32)`.
+    """
+    if k > 10:
+        values, indices = tf.math.top_k(x, k)
+        return values, tf.cast(indices, tf.int32)
+    values = []
+    indices = []
+    depth = tf.shape(x)[1]
+    for i in range(k):
+        values.append(tf.reduce_max(x, 1))
+        argmax = tf.argmax(x, 1, output_type=tf.int32)
+        indices.append(argmax)
+        if i + 1 < k:
+            x += tf.one_hot(argmax, depth, -1e9, dtype=x.dtype)
+    return tf.stack(values, axis=1), tf.stack(indices, axis=1)
+
+
+def scatter_rows(values, indices, n):
+    """Places `values[b, j]` at column `indices[b, j]` of a zero `[rows, n]`.
+
+    The original `_RowwiseUnsortedSegmentSum`.
+    """
+    rows = tf.shape(indices)[0]
+    k = tf.shape(indices)[1]
+    flat_indices = tf.reshape(indices, [-1]) + (
+        tf.range(rows * k) // k
+    ) * n
+    flat = tf.math.unsorted_segment_sum(
+        tf.reshape(values, [-1]), flat_indices, rows * n
+    )
+    return tf.reshape(flat, [rows, n])
+
+
+def normal_cdf(x, stddev):
+    """CDF at `x` of a normal with mean 0 and standard deviation `stddev`.
+
+    The original `_NormalDistributionCDF`, including its 1e-20 guard, so a
+    zero stddev gives 0, 0.5 or 1.
+    """
+    return 0.5 * (1.0 + tf.math.erf(x / (math.sqrt(2) * stddev + 1e-20)))
+
+
+def prob_in_top_k(clean_values, noisy_values, noise_stddev, top_values, k):
+    """The original `_ProbInTopK`: P(each value is in its row's top k).
+
+    For each entry, the probability under fresh noise that its clean value
+    plus noise beats the k-th largest of the *other* noisy values: the
+    (k+1)-th noisy value if the entry is in the top k now, else the k-th.
+
+    Args:
+        clean_values: `[rows, n]` logits without noise.
+        noisy_values: `[rows, n]` logits with noise.
+        noise_stddev: `[rows, n]` standard deviation of that noise.
+        top_values: `[rows, m]` the top `m >= k + 1` noisy values per row.
+        k: a Python int.
+
+    Returns:
+        A float32 tensor `[rows, n]`.
+    """
+    threshold_if_in = top_values[:, k : k + 1]
+    threshold_if_out = top_values[:, k - 1 : k]
+    is_in = tf.greater(noisy_values, threshold_if_in)
+    prob_if_in = normal_cdf(clean_values - threshold_if_in, noise_stddev)
+    prob_if_out = normal_cdf(clean_values - threshold_if_out, noise_stddev)
+    return tf.where(is_in, prob_if_in, prob_if_out)

@@ -1,0 +1,137 @@
+"""Checks of arguments and inputs, each raising an error that names the
+argument and the value received."""
+
+import numbers
+
+import tensorflow as tf
+
+
+def check_int(name, value, minimum, maximum=None):
+    """Returns `value` if it is an integer in `[minimum, maximum]`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"`{name}` must be an integer. Received: {name}={value!r} "
+            f"(of type {type(value).__name__})"
+        )
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else (
+            f"between {minimum} and {maximum}"
+        )
+        raise ValueError(f"`{name}` must be {bound}. Received: {name}={value}")
+    return int(value)
+
+
+def check_non_negative_float(name, value):
+    """Returns `value` as a float if it is a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"`{name}` must be a number. Received: {name}={value!r}"
+        )
+    value = float(value)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(
+            f"`{name}` must be a finite number >= 0. Received: {name}={value}"
+        )
+    return value
+
+
+def check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"`{name}` must be a bool. Received: {name}={value!r}"
+        )
+    return value
+
+
+def check_sizes(name, value):
+    """Returns a tuple of positive ints from a list/tuple (None means ())."""
+    if value is None:
+        return ()
+    if isinstance(value, numbers.Integral) or not isinstance(
+        value, (list, tuple)
+    ):
+        raise TypeError(
+            f"`{name}` must be a list or tuple of positive integers. "
+            f"Received: {name}={value!r}"
+        )
+    return tuple(check_int(f"{name}[{i}]", v, 1) for i, v in enumerate(value))
+
+
+def check_float_tensor(name, x):
+    """Converts `x` to a tensor and checks that its dtype is floating."""
+    x = tf.convert_to_tensor(x)
+    if not x.dtype.is_floating:
+        raise TypeError(
+            f"`{name}` must be a floating-point tensor. Received: "
+            f"{name}.dtype={x.dtype.name}"
+        )
+    return x
+
+
+def check_input_shape(name, shape, min_rank, max_rank=None, width=None):
+    """Checks a (possibly partially known) shape: rank and last-axis width."""
+    shape = tuple(shape) if shape is not None else None
+    if shape is None:
+        raise ValueError(f"`{name}` must have a known rank. Received: None")
+    rank = len(shape)
+    if rank < min_rank or (max_rank is not None and rank > max_rank):
+        want = (
+            f"rank {min_rank}" if max_rank == min_rank
+            else f"rank >= {min_rank}"
+        )
+        raise ValueError(
+            f"`{name}` must have {want} (the last axis holds the features). "
+            f"Received: {name}.shape={shape}"
+        )
+    if shape[-1] is None:
+        raise ValueError(
+            f"The last axis of `{name}` must be known. "
+            f"Received: {name}.shape={shape}"
+        )
+    if width is not None and shape[-1] != width:
+        raise ValueError(
+            f"The last axis of `{name}` must have size {width}, the size the "
+            f"layer was built with. Received: {name}.shape={shape}"
+        )
+
+
+def check_finite(name, x):
+    """Raises if `x` holds NaN or infinity.
+
+    Eagerly this is a `ValueError`; inside a graph it is an op that fails
+    the step with an `InvalidArgumentError` carrying the same message.
+    """
+    message = f"`{name}` contains NaN or infinite values."
+    if tf.executing_eagerly():
+        if not bool(tf.reduce_all(tf.math.is_finite(x))):
+            raise ValueError(message + f" Received: {name}={x}")
+        return x
+    return tf.debugging.assert_all_finite(x, message)
+
+
+def check_leading_shape(name, x, reference, reference_name, trailing=()):
+    """Checks that `x.shape == reference.shape[:-1] + trailing`.
+
+    Static dimensions are checked now (`ValueError`); dimensions unknown
+    until run time are checked by an assertion op.
+    """
+    want = tuple(reference.shape[:-1]) + tuple(trailing)
+    got = tuple(x.shape)
+    message = (
+        f"`{name}` must have shape {reference_name}.shape[:-1]"
+        + (f" + {tuple(trailing)}" if trailing else "")
+        + f" = {want}. Received: {name}.shape={got}"
+    )
+    if len(got) != len(want) or any(
+        a is not None and b is not None and a != b for a, b in zip(got, want)
+    ):
+        raise ValueError(message)
+    if all(d is not None for d in got) and all(d is not None for d in want):
+        return x
+    want_dynamic = tf.concat(
+        [tf.shape(reference)[:-1], tf.constant(trailing, tf.int32)], 0
+    )
+    with tf.control_dependencies(
+        [tf.debugging.assert_equal(tf.shape(x), want_dynamic, message=message)]
+    ):
+        return tf.identity(x)

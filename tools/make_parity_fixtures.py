@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Regenerates tests/fixtures/parity.npz from the original expert_utils.py.
+
+    python tools/make_parity_fixtures.py --original PATH/expert_utils_2017.py \
+        [--out tests/fixtures/parity.npz] [--cases NAME ...]
+
+Runs every parity case of tests/oracle.py through the original (TF1 graph mode
+via tf.compat.v1; the original is loaded from PATH at run time and is not part
+of this project) in training and in inference, and stores the inputs, weights,
+noise and the original's gates, load, importance, outputs, aux loss and
+gradients. tests/test_parity.py compares keras_moe against the file.
+"""
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_oracle_harness():
+    path = os.path.join(REPO_ROOT, "tests", "oracle.py")
+    spec = importlib.util.spec_from_file_location("_keras_moe_parity_oracle",
+                                                  path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv=None):
+    oracle = _load_oracle_harness()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--original", default=oracle.find_original(),
+                        help="path of the original expert_utils_2017.py "
+                        "(default: $KERAS_MOE_ORIGINAL or "
+                        "../shared/reference/expert_utils_2017.py)")
+    parser.add_argument("--out", default=oracle.DEFAULT_FIXTURES)
+    parser.add_argument("--cases", nargs="*", default=None,
+                        help="subset of case names (default: all)")
+    args = parser.parse_args(argv)
+    if not args.original or not os.path.isfile(args.original):
+        parser.error("--original: no such file: %r" % (args.original,))
+
+    module = oracle.load_original(args.original)
+    names = args.cases or [c["name"] for c in oracle.CASES]
+    unknown = [n for n in names if n not in oracle.CASES_BY_NAME]
+    if unknown:
+        parser.error("--cases: unknown case(s) %r; known: %r" %
+                     (unknown, sorted(oracle.CASES_BY_NAME)))
+
+    case_results = {}
+    for name in names:
+        case = oracle.CASES_BY_NAME[name]
+        start = time.time()
+        data = oracle.make_case_data(case)
+        results = oracle.run_oracle(module, case, data)
+        case_results[name] = (data, results)
+        nan = {mode: sorted(k for k, v in res.items() if np.isnan(v).any())
+               for mode, res in results.items()}
+        print("%-28s %.2fs  NaN: %s" % (name, time.time() - start, nan))
+
+    import tensorflow as tf
+
+    flat = oracle.pack(case_results, {"tensorflow": tf.__version__,
+                                      "original": os.path.basename(
+                                          args.original)})
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    np.savez_compressed(args.out, **flat)
+    print("wrote %s (%d arrays, %d bytes)" %
+          (args.out, len(flat), os.path.getsize(args.out)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
