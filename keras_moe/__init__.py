@@ -5,15 +5,27 @@ A port of the original TF1 `expert_utils.py` of Shazeer et al. (2017),
 Layer" (https://arxiv.org/abs/1701.06538), to Keras 3 layers on TensorFlow 2.
 """
 
-import keras as _keras
+import os as _os
 
-if _keras.backend.backend() != "tensorflow":
-    raise ImportError(
-        "keras_moe requires the TensorFlow backend of Keras 3, but the "
-        f"'{_keras.backend.backend()}' backend is selected. Set the "
-        "environment variable KERAS_BACKEND=tensorflow before importing "
-        "keras (or edit ~/.keras/keras.json)."
-    )
+
+def _require_tensorflow_backend(backend):
+    if backend != "tensorflow":
+        raise ImportError(
+            "keras_moe requires the TensorFlow backend of Keras 3, but the "
+            f"'{backend}' backend is selected. Set the environment variable "
+            "KERAS_BACKEND=tensorflow before importing keras (or set "
+            '"backend" in ~/.keras/keras.json).'
+        )
+
+
+# Checked before importing keras too: keras itself may fail to import
+# with another backend's framework missing, hiding the reason.
+if "KERAS_BACKEND" in _os.environ:
+    _require_tensorflow_backend(_os.environ["KERAS_BACKEND"])
+
+import keras as _keras  # noqa: E402
+
+_require_tensorflow_backend(_keras.backend.backend())
 
 from keras_moe.balance import cv_squared, gates_to_load, max_overload
 from keras_moe.dispatch import SparseDispatcher

@@ -79,7 +79,7 @@ class FeedForwardExperts(keras.layers.Layer):
         self.autoscale = validation.check_bool("autoscale", autoscale)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
-    def build(self, input_shape, part_sizes_shape=None):
+    def build(self, input_shape):
         validation.check_input_shape("inputs", input_shape, 2, 2)
         input_dim = input_shape[-1]
         output_dim = self.output_dim or input_dim
@@ -140,7 +140,7 @@ class FeedForwardExperts(keras.layers.Layer):
                 x = self.hidden_activation(x)
         return x
 
-    def compute_output_shape(self, input_shape, part_sizes_shape=None):
+    def compute_output_shape(self, input_shape):
         return (input_shape[0], self.output_dim or input_shape[-1])
 
     def get_config(self):

@@ -1,0 +1,166 @@
+"""Bad arguments and inputs raise errors that name the argument and value."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_moe
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"num_experts": 0}, ValueError, "num_experts=0"),
+        ({"num_experts": -3}, ValueError, "num_experts=-3"),
+        ({"num_experts": 2.5}, TypeError, "num_experts=2.5"),
+        ({"num_experts": True}, TypeError, "num_experts=True"),
+        ({"num_experts": 4, "k": 0}, ValueError, "k=0"),
+        ({"num_experts": 4, "k": 5}, ValueError, "k=5"),
+        ({"num_experts": 4, "noise_epsilon": -0.1}, ValueError,
+         "noise_epsilon=-0.1"),
+        ({"num_experts": 4, "noise_epsilon": float("nan")}, ValueError,
+         "noise_epsilon=nan"),
+        ({"num_experts": 4, "loss_coef": -1.0}, ValueError, "loss_coef=-1.0"),
+        ({"num_experts": 4, "output_dim": 0}, ValueError, "output_dim=0"),
+        ({"num_experts": 4, "hidden_sizes": 8}, TypeError, "hidden_sizes=8"),
+        ({"num_experts": 4, "hidden_sizes": (8, 0)}, ValueError,
+         r"hidden_sizes\[1\]=0"),
+        ({"num_experts": 4, "noisy_gating": "yes"}, TypeError,
+         "noisy_gating='yes'"),
+        ({"num_experts": 4, "seed": -1}, ValueError, "seed=-1"),
+        ({"num_experts": 4, "bogus": 1}, ValueError, "bogus"),
+    ],
+)
+def test_constructor_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        keras_moe.MixtureOfExperts(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, message",
+    [
+        (keras_moe.NoisyTopKGating, {"num_experts": 3, "k": 4}, "k=4"),
+        (keras_moe.FeedForwardExperts, {"num_experts": 0, "output_dim": 2},
+         "num_experts=0"),
+    ],
+)
+def test_sublayer_constructor_arguments(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**kwargs)
+
+
+@pytest.fixture
+def layer():
+    layer = keras_moe.MixtureOfExperts(4, k=2)
+    layer.build((None, 5))
+    return layer
+
+
+@pytest.mark.parametrize(
+    "inputs, error, message",
+    [
+        (np.zeros((3, 4), "float32"), ValueError, r"inputs.shape=\(3, 4\)"),
+        (np.zeros((5,), "float32"), ValueError, r"rank >= 2.*\(5,\)"),
+        (np.float32(1.0), ValueError, r"inputs.shape=\(\)"),
+        (np.zeros((3, 5), "int32"), TypeError, "inputs.dtype=int32"),
+        (np.array([[1.0, np.nan, 0, 0, 0]], "float32"), ValueError,
+         "`inputs` contains NaN"),
+    ],
+)
+def test_bad_inputs(layer, inputs, error, message):
+    with pytest.raises(error, match=message):
+        layer(inputs)
+
+
+def test_rank_0_and_1_fail_at_build():
+    for shape in [(), (5,)]:
+        with pytest.raises(ValueError, match="inputs.shape="):
+            keras_moe.MixtureOfExperts(4).build(shape)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"mask": np.ones((3, 2), bool)}, r"mask.shape=\(3, 2\)"),
+        ({"gate_multiplier": np.ones((4,), "float32")},
+         r"gate_multiplier.shape=\(4,\)"),
+        ({"gate_multiplier": np.ones((3, 1), "float32")},
+         r"gate_multiplier.shape=\(3, 1\)"),
+        ({"gating_inputs": np.ones((4, 5), "float32")},
+         r"gating_inputs.shape=\(4, 5\)"),
+        ({"noise": np.ones((3, 3), "float32")}, r"noise.shape=\(3, 3\)"),
+    ],
+)
+def test_mismatched_side_inputs(layer, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        layer(np.zeros((3, 5), "float32"), training=True, **kwargs)
+
+
+def test_gating_inputs_width_after_build(layer):
+    # Built for gating inputs of width 5 (the inputs' width).
+    with pytest.raises(ValueError, match=r"gating_inputs.shape=\(3, 2\)"):
+        layer(np.zeros((3, 5), "float32"),
+              gating_inputs=np.zeros((3, 2), "float32"))
+
+
+def test_integer_side_inputs(layer):
+    with pytest.raises(TypeError, match="gate_multiplier.dtype=int32"):
+        layer(np.zeros((3, 5), "float32"),
+              gate_multiplier=np.ones((3,), "int32"))
+
+
+def test_dynamic_shape_mismatch_inside_tf_function(layer):
+    @tf.function(input_signature=[tf.TensorSpec([None, 5]),
+                                  tf.TensorSpec([None])])
+    def run(x, multiplier):
+        return layer(x, gate_multiplier=multiplier)
+
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="gate_multiplier"):
+        run(tf.zeros([3, 5]), tf.ones([4]))
+
+
+def test_nan_inside_tf_function_fails_the_step(layer):
+    @tf.function
+    def run(x):
+        return layer(x)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="`inputs`"):
+        run(tf.constant([[np.nan] * 5]))
+
+
+def test_unknown_config_keys():
+    config = keras_moe.MixtureOfExperts(4).get_config()
+    # Keras's from_config re-raises the layer's ValueError as a TypeError
+    # that keeps the message.
+    with pytest.raises((ValueError, TypeError), match="'bogus': 3"):
+        keras_moe.MixtureOfExperts.from_config({**config, "bogus": 3})
+    gating_config = keras_moe.NoisyTopKGating(4).get_config()
+    with pytest.raises((ValueError, TypeError), match="'extra_key': 1"):
+        keras_moe.NoisyTopKGating.from_config({**gating_config,
+                                               "extra_key": 1})
+
+
+def test_gating_rejects_rank_3_and_wrong_noise():
+    gating = keras_moe.NoisyTopKGating(3)
+    with pytest.raises(ValueError, match=r"rank 2.*\(2, 2, 4\)"):
+        gating(np.zeros((2, 2, 4), "float32"))
+    gating(np.zeros((2, 4), "float32"))
+    with pytest.raises(ValueError, match=r"noise.shape=\(2, 4\)"):
+        gating(np.zeros((2, 4), "float32"), training=True,
+               noise=np.zeros((2, 4), "float32"))
+
+
+def test_non_tensorflow_backend_fails_at_import(tmp_path):
+    import subprocess
+    import sys
+
+    script = "import keras_moe"
+    env = {"KERAS_BACKEND": "numpy", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PATH": "/usr/bin:/bin", "KERAS_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "ImportError" in result.stderr
+    assert "TensorFlow backend" in result.stderr and "'numpy'" in result.stderr

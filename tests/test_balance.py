@@ -1,0 +1,90 @@
+"""cv_squared, max_overload, gates_to_load against hand-computed values."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_moe
+
+
+def _cv_squared_reference(x):
+    x = np.asarray(x, np.float64).ravel()
+    size = x.size + 1e-10
+    mean = x.sum() / size
+    variance = ((x - mean) ** 2).sum() / size
+    return variance / (mean**2 + 1e-10)
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ([1.0, 1.0, 1.0, 1.0], 0.0),
+        # Everything on one of n experts: CV^2 = n - 1.
+        ([4.0, 0.0, 0.0, 0.0], 3.0),
+        ([8.0, 0.0], 1.0),
+        # Population variance of (1, 3) is 1, mean 2: 1 / 4.
+        ([1.0, 3.0], 0.25),
+        ([], 0.0),
+        ([0.0, 0.0, 0.0], 0.0),
+    ],
+)
+def test_cv_squared_hand_computed(values, expected):
+    assert float(keras_moe.cv_squared(tf.constant(values, tf.float32))) == (
+        pytest.approx(expected, rel=1e-6, abs=1e-6)
+    )
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4)])
+def test_cv_squared_matches_formula_for_any_shape(shape):
+    x = np.random.default_rng(0).gamma(2.0, size=shape).astype("float32")
+    result = keras_moe.cv_squared(x)
+    assert result.dtype == tf.float32
+    np.testing.assert_allclose(
+        float(result), _cv_squared_reference(x), rtol=1e-5
+    )
+
+
+def test_cv_squared_accepts_integer_counts():
+    assert float(keras_moe.cv_squared([2, 0])) == pytest.approx(1.0)
+
+
+def test_cv_squared_rejects_strings():
+    with pytest.raises(TypeError, match="x.dtype=string"):
+        keras_moe.cv_squared(tf.constant(["a", "b"]))
+
+
+@pytest.mark.parametrize(
+    "load, expected",
+    [
+        ([2.0, 2.0, 2.0, 2.0], 1.0),
+        ([4.0, 0.0, 0.0, 0.0], 4.0),
+        ([3.0, 1.0], 1.5),
+        # 2-D: rows are devices, summed over experts: (4, 0) -> max/mean = 2.
+        ([[3.0, 1.0], [0.0, 0.0]], 2.0),
+        ([[1.0, 1.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 3.0]], 1.0),
+    ],
+)
+def test_max_overload_hand_computed(load, expected):
+    assert float(keras_moe.max_overload(load)) == pytest.approx(expected)
+
+
+def test_max_overload_rejects_scalars():
+    with pytest.raises(ValueError, match="load.shape=()"):
+        keras_moe.max_overload(3.0)
+
+
+def test_gates_to_load_counts_positive_gates():
+    gates = [[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.0, 0.2, 0.8]]
+    load = keras_moe.gates_to_load(gates)
+    assert load.dtype == tf.float32
+    assert load.numpy().tolist() == [2.0, 2.0, 1.0]
+
+
+def test_gates_to_load_of_empty_batch_is_zero():
+    load = keras_moe.gates_to_load(tf.zeros([0, 4]))
+    assert load.numpy().tolist() == [0.0] * 4
+
+
+def test_gates_to_load_rejects_wrong_rank():
+    with pytest.raises(ValueError, match=r"gates.shape=\(3,\)"):
+        keras_moe.gates_to_load([0.1, 0.2, 0.3])

@@ -1,0 +1,211 @@
+"""MixtureOfExperts: shapes, masks, routing, edge cases and the aux loss."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_moe
+
+
+def _layer(n=6, k=2, d=5, seed=0, **kwargs):
+    layer = keras_moe.MixtureOfExperts(
+        n, k=k, gate_initializer=keras.initializers.RandomNormal(seed=seed),
+        **kwargs,
+    )
+    layer.build((None, d))
+    if layer.gating.noisy_gating:
+        rng = np.random.default_rng(seed)
+        layer.gating.noise_kernel.assign(
+            0.5 * rng.normal(size=layer.gating.noise_kernel.shape)
+        )
+    return layer
+
+
+def _dense_reference(layer, x, gates):
+    """sum_i gates[b, i] * expert_i(x[b]), every expert on every row."""
+    outputs = [layer.experts.call_expert(x, i).numpy()
+               for i in range(layer.num_experts)]
+    return np.einsum("bi,ibo->bo", gates, np.stack(outputs))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(12, 5), (3, 4, 5), (2, 3, 2, 5)])
+def test_any_rank_equals_flattened(shape, training):
+    layer = _layer(hidden_sizes=(7,), output_dim=3)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=shape).astype("float32")
+    noise = rng.normal(size=shape[:-1] + (6,)).astype("float32")
+    y, routing = layer(x, training=training, noise=noise, return_routing=True)
+    flat_y, flat_routing = layer(
+        x.reshape(-1, 5), training=training, noise=noise.reshape(-1, 6),
+        return_routing=True,
+    )
+    assert y.shape == shape[:-1] + (3,)
+    assert routing["gates"].shape == shape[:-1] + (6,)
+    np.testing.assert_allclose(y.numpy().reshape(-1, 3), flat_y, rtol=1e-6)
+    for key in ("importance", "load", "aux_loss"):
+        np.testing.assert_allclose(routing[key], flat_routing[key], rtol=1e-6)
+    gates = flat_routing["gates"].numpy()
+    np.testing.assert_allclose(
+        flat_y, _dense_reference(layer, x.reshape(-1, 5), gates),
+        rtol=1e-5, atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_mask_equals_unmasked_rows_only(training):
+    layer = _layer(hidden_sizes=(4,))
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 7, 5)).astype("float32")
+    noise = rng.normal(size=(3, 7, 6)).astype("float32")
+    mask = rng.random((3, 7)) > 0.4
+    x[~mask] = np.nan  # masked positions are never read
+    y, routing = layer(x, training=training, mask=mask, noise=noise,
+                       return_routing=True)
+    kept_y, kept = layer(x[mask], training=training, noise=noise[mask],
+                         return_routing=True)
+    np.testing.assert_allclose(y.numpy()[mask], kept_y, rtol=1e-6)
+    np.testing.assert_array_equal(y.numpy()[~mask], 0.0)
+    np.testing.assert_array_equal(routing["gates"].numpy()[~mask], 0.0)
+    np.testing.assert_allclose(routing["gates"].numpy()[mask], kept["gates"])
+    for key in ("importance", "load", "aux_loss", "part_sizes"):
+        np.testing.assert_allclose(routing[key], kept[key], rtol=1e-6)
+    assert int(routing["part_sizes"].numpy().sum()) == 2 * mask.sum()
+
+
+def test_mask_from_embedding_propagates():
+    inputs = keras.Input((None,), dtype="int32")
+    h = keras.layers.Embedding(10, 4, mask_zero=True)(inputs)
+    moe = keras_moe.MixtureOfExperts(3, k=1)
+    y = moe(h)
+    model = keras.Model(inputs, y)
+    out = model(np.array([[1, 2, 0, 0], [3, 0, 0, 0]]))
+    assert out.shape == (2, 4, 4)
+    np.testing.assert_array_equal(out.numpy()[0, 2:], 0.0)
+    np.testing.assert_array_equal(out.numpy()[1, 1:], 0.0)
+    assert np.abs(out.numpy()[0, :2]).sum() > 0
+    assert y._keras_mask is not None
+
+
+def test_gate_multiplier_scales_gates_and_zero_skips_the_token():
+    layer = _layer(noisy_gating=False)
+    x = np.random.default_rng(3).normal(size=(4, 5)).astype("float32")
+    multiplier = np.array([1.0, 0.5, 0.0, 2.0], np.float32)
+    y, routing = layer(x, gate_multiplier=multiplier, return_routing=True)
+    plain_y, plain = layer(x, return_routing=True)
+    np.testing.assert_allclose(
+        routing["gates"], plain["gates"].numpy() * multiplier[:, None]
+    )
+    np.testing.assert_allclose(y, plain_y.numpy() * multiplier[:, None],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(routing["importance"],
+                               routing["gates"].numpy().sum(0), rtol=1e-6)
+    assert int(routing["part_sizes"].numpy().sum()) == 3 * 2
+
+
+def test_gating_inputs_feed_the_gate_and_inputs_feed_the_experts():
+    layer = keras_moe.MixtureOfExperts(
+        4, k=2, noisy_gating=False, gate_initializer="random_normal"
+    )
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(6, 5)).astype("float32")
+    gate_x = rng.normal(size=(6, 3)).astype("float32")
+    y, routing = layer(x, gating_inputs=gate_x, return_routing=True)
+    assert layer.gating.gate_kernel.shape == (3, 4)
+    gates, _ = layer.gating(gate_x)
+    np.testing.assert_allclose(routing["gates"], gates)
+    np.testing.assert_allclose(
+        y, _dense_reference(layer, x, gates.numpy()), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("loss_coef", [0.0, 0.1])
+def test_aux_loss_is_added_once_with_the_papers_formula(loss_coef):
+    layer = _layer(loss_coef=loss_coef)
+    x = np.random.default_rng(5).normal(size=(10, 5)).astype("float32")
+    _, routing = layer(x, training=True, return_routing=True)
+    expected = loss_coef * (
+        keras_moe.cv_squared(routing["importance"])
+        + keras_moe.cv_squared(routing["load"])
+    )
+    assert len(layer.losses) == 1
+    assert layer.losses[0].dtype == tf.float32
+    np.testing.assert_allclose(layer.losses[0], expected, rtol=1e-6)
+    np.testing.assert_allclose(routing["aux_loss"], expected, rtol=1e-6)
+
+
+def test_empty_batch():
+    layer = _layer(output_dim=3)
+    y, routing = layer(np.zeros([0, 5], "float32"), training=True,
+                       return_routing=True)
+    assert y.shape == (0, 3)
+    assert np.isfinite(float(routing["aux_loss"]))
+    np.testing.assert_array_equal(routing["load"], np.zeros(6))
+    assert layer(np.zeros([2, 0, 5], "float32")).shape == (2, 0, 3)
+
+
+def test_every_token_to_one_expert_and_idle_experts():
+    layer = keras_moe.MixtureOfExperts(4, k=1, noisy_gating=False)
+    layer.build((None, 3))
+    kernel = np.zeros((3, 4), np.float32)
+    kernel[:, 2] = 1.0  # expert 2 wins for positive inputs
+    layer.gating.gate_kernel.assign(kernel)
+    x = np.abs(np.random.default_rng(6).normal(size=(8, 3))).astype("float32")
+    y, routing = layer(x, return_routing=True)
+    assert routing["part_sizes"].numpy().tolist() == [0, 0, 8, 0]
+    np.testing.assert_allclose(routing["load"], [0, 0, 8, 0])
+    # CV^2 of one-hot of 4 is n - 1 = 3 for both importance and load.
+    np.testing.assert_allclose(routing["aux_loss"], 1e-2 * (3 + 3), rtol=1e-5)
+    np.testing.assert_allclose(y, layer.experts.call_expert(x, 2), rtol=1e-6)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(x))
+    grads = tape.gradient(loss, layer.experts.kernels)
+    assert all(np.isfinite(g).all() for g in grads)
+    np.testing.assert_array_equal(grads[0][0], 0.0)
+
+
+def test_single_expert():
+    layer = keras_moe.MixtureOfExperts(1, k=1, hidden_sizes=(3,))
+    x = np.random.default_rng(7).normal(size=(5, 4)).astype("float32")
+    y, routing = layer(x, training=True, return_routing=True)
+    np.testing.assert_allclose(y, layer.experts.call_expert(x, 0), rtol=1e-6)
+    np.testing.assert_allclose(routing["gates"], np.ones((5, 1)))
+    np.testing.assert_allclose(routing["load"], [5.0])
+    assert float(routing["aux_loss"]) == 0.0
+
+
+def test_inference_is_deterministic_and_training_is_noisy():
+    layer = _layer(n=8, k=2)
+    x = np.random.default_rng(8).normal(size=(64, 5)).astype("float32")
+    np.testing.assert_array_equal(layer(x), layer(x))
+    assert not np.allclose(layer(x, training=True), layer(x, training=True))
+
+
+def test_functional_model_fit_step_and_no_xla():
+    inputs = keras.Input((4, 6))
+    h = keras_moe.MixtureOfExperts(4, k=2, hidden_sizes=(8,))(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(h))
+    assert model.output_shape == (None, 4, 2)
+    model.compile("adam", "mse", jit_compile="auto")
+    assert model.jit_compile is False
+    from keras.src.trainers.trainer import model_supports_jit
+
+    assert not model_supports_jit(model)
+    rng = np.random.default_rng(9)
+    x, y = rng.normal(size=(16, 4, 6)), rng.normal(size=(16, 4, 2))
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    after = model.trainable_weights
+    assert all(not np.array_equal(b, a.numpy()) for b, a in zip(before, after))
+
+
+def test_return_routing_in_a_functional_model():
+    inputs = keras.Input((6,))
+    y, routing = keras_moe.MixtureOfExperts(3, k=2)(inputs, return_routing=True)
+    assert routing["gates"].shape == (None, 3)
+    assert routing["gates"].dtype == "float32"
+    model = keras.Model(inputs, [y, routing["load"]])
+    outputs = model(np.ones([5, 6], "float32"))
+    assert outputs[1].shape == (3,)
