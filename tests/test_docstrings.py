@@ -1,0 +1,19 @@
+"""The `Example:` sections of the public docstrings run and print what
+they say."""
+
+import doctest
+
+import numpy as np
+import pytest
+
+from keras_moe import balance, dispatch, experts, gating, moe
+
+
+@pytest.mark.parametrize("module", [balance, dispatch, experts, gating, moe])
+def test_docstring_examples(module):
+    result = doctest.testmod(
+        module, extraglobs={"np": np}, optionflags=doctest.ELLIPSIS,
+        verbose=False,
+    )
+    assert result.attempted > 0, f"{module.__name__} has no examples"
+    assert result.failed == 0
