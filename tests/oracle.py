@@ -192,9 +192,6 @@ def gating_weight_names(case):
     return ["gate_kernel"] + (["noise_kernel"] if case["noisy"] else [])
 
 
-RESULT_NAMES = ("gates", "load", "importance", "y", "aux_loss")
-
-
 # --------------------------------------------------------------------------
 # Running the original.
 # --------------------------------------------------------------------------

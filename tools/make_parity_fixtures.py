@@ -42,7 +42,8 @@ def main(argv=None):
                         "../shared/reference/expert_utils_2017.py)")
     parser.add_argument("--out", default=oracle.DEFAULT_FIXTURES)
     parser.add_argument("--cases", nargs="*", default=None,
-                        help="subset of case names (default: all)")
+                        help="subset of case names (default: all); the "
+                        "other cases already in --out are kept")
     args = parser.parse_args(argv)
     if not args.original or not os.path.isfile(args.original):
         parser.error("--original: no such file: %r" % (args.original,))
@@ -64,6 +65,16 @@ def main(argv=None):
         nan = {mode: sorted(k for k, v in res.items() if np.isnan(v).any())
                for mode, res in results.items()}
         print("%-28s %.2fs  NaN: %s" % (name, time.time() - start, nan))
+
+    if args.cases and os.path.isfile(args.out):
+        old = np.load(args.out)
+        meta = oracle.read_meta(old)
+        for name in meta["index"]:
+            if name not in case_results and name in oracle.CASES_BY_NAME:
+                _, data, results = oracle.unpack(old, name, meta)
+                case_results[name] = (data, results)
+        order = [c["name"] for c in oracle.CASES]
+        case_results = {n: case_results[n] for n in order if n in case_results}
 
     import tensorflow as tf
 

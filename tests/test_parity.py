@@ -1,0 +1,377 @@
+"""Numerical parity of keras_moe with the original 2017 `expert_utils.py`.
+
+Every case of `tests/oracle.py` runs in training and in inference, and
+keras_moe is compared against
+
+* the committed fixtures `tests/fixtures/parity.npz` (always), written by
+  `tools/make_parity_fixtures.py` from the original; and
+* the original itself, run live through the oracle harness, when it is found at
+  `$KERAS_MOE_ORIGINAL` or `<repo>/../shared/reference/expert_utils_2017.py`
+  (skipped otherwise).
+
+Quantities: the gating network's gates and load (`NoisyTopKGating` alone, and
+inside the MoE), the MoE's gates (times `gate_multiplier`), importance, load,
+outputs, aux loss, the gradients of `sum(y**2) + aux_loss` w.r.t. every weight
+(expert kernels stacked over experts), and the gradients of the gating-alone
+loss `sum(gates * C) + sum(load * L)`.
+
+Tolerances: forward quantities rtol 1e-5; gradients rtol 1e-4; atol is
+1e-5 * max|reference| (so exact zeros don't break the relative test), and for
+gradients at least 2e-6 * (largest gradient of the case), the float32 rounding
+of the upstream gradient that the original itself leaves in mathematically
+zero gradients (e.g. the softmax over a single logit when k = 1).
+
+Known, documented deviation: in inference the original's gradient w.r.t. the
+noise kernel is NaN (0 * inf inside the erf gradient, the noise stddev being
+multiplied by `train` = 0); keras_moe gives exactly zero there. The tests
+assert that NaNs occur only there, and that ours is finite and exactly zero.
+"""
+
+import hashlib
+import importlib.util
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+from keras.src import testing
+
+import keras_moe
+
+
+def _load_oracle_harness():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        "oracle.py")
+    spec = importlib.util.spec_from_file_location("_keras_moe_parity_oracle",
+                                                  path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+oracle = _load_oracle_harness()
+
+FORWARD_RTOL = 1e-5
+GRAD_RTOL = 1e-4
+ATOL_FRACTION = 1e-5  # of max|reference|
+GRAD_FLOOR_FRACTION = 2e-6  # of the largest gradient of the case and mode
+
+PARAMS = [
+    dict(testcase_name="%s_%s" % (c["name"], mode), case_name=c["name"],
+         mode=mode)
+    for c in oracle.CASES for mode, _ in oracle.MODES
+]
+CASE_PARAMS = [dict(testcase_name=c["name"], case_name=c["name"])
+               for c in oracle.CASES]
+
+# --------------------------------------------------------------------------
+# Reference data: committed fixtures and the live oracle (both cached).
+# --------------------------------------------------------------------------
+
+_FIXTURES = {}
+
+
+def fixture(case_name):
+    """(case, data, {mode: results}) from tests/fixtures/parity.npz."""
+    if "npz" not in _FIXTURES:
+        npz = np.load(oracle.DEFAULT_FIXTURES)
+        _FIXTURES["npz"] = npz
+        _FIXTURES["meta"] = oracle.read_meta(npz)
+    got = oracle.unpack(_FIXTURES["npz"], case_name, _FIXTURES["meta"])
+    if got is None:
+        raise AssertionError(
+            "case %r is missing from %s; regenerate it with "
+            "tools/make_parity_fixtures.py --original PATH" %
+            (case_name, oracle.DEFAULT_FIXTURES))
+    return got
+
+
+_LIVE = {}
+
+
+def original_path():
+    return oracle.find_original()
+
+
+def live(case_name):
+    """(case, data, {mode: results}) from running the original now."""
+    if case_name not in _LIVE:
+        module = oracle.load_original(original_path())
+        case = oracle.CASES_BY_NAME[case_name]
+        data = oracle.make_case_data(case)
+        _LIVE[case_name] = (case, data, oracle.run_oracle(module, case, data))
+    return _LIVE[case_name]
+
+
+# --------------------------------------------------------------------------
+# keras_moe on the same data (cached by case and data digest).
+# --------------------------------------------------------------------------
+
+
+def _digest(data):
+    h = hashlib.sha1()
+    for key in sorted(data):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(data[key], np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _num_layers(case):
+    return len(oracle.layer_sizes(case)) - 1
+
+
+def _ours_moe(case, data):
+    x = tf.constant(data["x"])
+    kwargs = {}
+    if case["gating_inputs"]:
+        kwargs["gating_inputs"] = tf.constant(data["gating_x"])
+    if case["multiplier"]:
+        kwargs["gate_multiplier"] = tf.constant(data["multiplier"])
+    layer = keras_moe.MixtureOfExperts(
+        num_experts=case["n"],
+        k=case["k"],
+        output_dim=case["output_dim"],
+        hidden_sizes=case["hidden"],
+        autoscale=case["autoscale"],
+        noisy_gating=case["noisy"],
+        noise_epsilon=case["noise_epsilon"],
+        loss_coef=case["loss_coef"],
+    )
+    layer(x, training=False, **kwargs)  # build
+    weights = {"gate_kernel": layer.gating.gate_kernel}
+    if case["noisy"]:
+        weights["noise_kernel"] = layer.gating.noise_kernel
+    for l in range(_num_layers(case)):
+        weights["kernel_%d" % l] = layer.experts.kernels[l]
+    names = oracle.weight_names(case)
+    for name in names:
+        weights[name].assign(data[name])
+    if case["noisy"]:
+        kwargs["noise"] = tf.constant(data["noise"])
+
+    results = {}
+    for mode, training in oracle.MODES:
+        with tf.GradientTape() as tape:
+            y, routing = layer(x, training=training, return_routing=True,
+                               **kwargs)
+            loss = tf.reduce_sum(y**2) + routing["aux_loss"]
+        grads = tape.gradient(loss, [weights[n] for n in names])
+        res = {
+            "gates": routing["gates"],
+            "load": routing["load"],
+            "importance": routing["importance"],
+            "y": y,
+            "aux_loss": routing["aux_loss"],
+        }
+        for name, g in zip(names, grads):
+            res["grad/" + name] = (g if g is not None else
+                                   tf.zeros_like(weights[name]))
+        results[mode] = {k: np.asarray(v) for k, v in res.items()}
+    return results
+
+
+def _ours_gating(case, data):
+    gx = tf.constant(data["gating_x"] if case["gating_inputs"] else data["x"])
+    layer = keras_moe.NoisyTopKGating(
+        case["n"], k=case["k"], noisy_gating=case["noisy"],
+        noise_epsilon=case["noise_epsilon"])
+    layer(gx, training=False)  # build
+    weights = {"gate_kernel": layer.gate_kernel}
+    if case["noisy"]:
+        weights["noise_kernel"] = layer.noise_kernel
+    names = oracle.gating_weight_names(case)
+    for name in names:
+        weights[name].assign(data[name])
+    kwargs = {"noise": tf.constant(data["noise"])} if case["noisy"] else {}
+    coef_gates = tf.constant(data["gating_coef_gates"])
+    coef_load = tf.constant(data["gating_coef_load"])
+    results = {}
+    for mode, training in oracle.MODES:
+        with tf.GradientTape() as tape:
+            gates, load = layer(gx, training=training, **kwargs)
+            loss = (tf.reduce_sum(gates * coef_gates) +
+                    tf.reduce_sum(load * coef_load))
+        grads = tape.gradient(loss, [weights[n] for n in names])
+        res = {"gates": gates, "load": load}
+        for name, g in zip(names, grads):
+            res["gating_grad/" + name] = (g if g is not None else
+                                          tf.zeros_like(weights[name]))
+        results[mode] = {k: np.asarray(v) for k, v in res.items()}
+    return results
+
+
+_OURS = {}
+
+
+def ours(kind, case, data):
+    key = (kind, case["name"], _digest(data))
+    if key not in _OURS:
+        fn = _ours_moe if kind == "moe" else _ours_gating
+        _OURS[key] = fn(case, data)
+    return _OURS[key]
+
+
+# --------------------------------------------------------------------------
+# Comparison.
+# --------------------------------------------------------------------------
+
+
+def _max_abs(a):
+    a = np.asarray(a, np.float64)
+    a = a[np.isfinite(a)]
+    return float(np.max(np.abs(a))) if a.size else 0.0
+
+
+def assert_matches(actual, desired, rtol, atol_floor=0.0, nan_ok=False,
+                   what=""):
+    """allclose with atol = max(ATOL_FRACTION * max|desired|, atol_floor).
+
+    Where `desired` is NaN (allowed only with `nan_ok`, the documented
+    deviation), `actual` must be finite and exactly zero.
+    """
+    actual = np.asarray(actual, np.float64)
+    desired = np.asarray(desired, np.float64)
+    assert actual.shape == desired.shape, (
+        "%s: shape %s, reference %s" % (what, actual.shape, desired.shape))
+    nan = np.isnan(desired)
+    if nan.any():
+        assert nan_ok, "%s: the reference has NaN where none is expected" % (
+            what,)
+        bad = ~(np.isfinite(actual[nan]) & (actual[nan] == 0))
+        assert not bad.any(), (
+            "%s: where the original's gradient is NaN (the documented "
+            "deviation) ours must be exactly zero; got %s" %
+            (what, actual[nan][bad][:8]))
+    finite = ~nan
+    a, d = actual[finite], desired[finite]
+    atol = max(ATOL_FRACTION * _max_abs(d), atol_floor)
+    diff = np.abs(a - d)
+    rel = diff / np.maximum(np.abs(d), 1e-30)
+    np.testing.assert_allclose(
+        a, d, rtol=rtol, atol=atol,
+        err_msg="%s: max abs diff %.3g, max rel diff %.3g, atol %.3g" %
+        (what, diff.max(initial=0.0), rel.max(initial=0.0), atol))
+
+
+def _grad_floor(results, prefix):
+    g = [_max_abs(v) for k, v in results.items() if k.startswith(prefix)]
+    return GRAD_FLOOR_FRACTION * max(g + [0.0])
+
+
+def check_moe(case, data, ref, mine, mode, source):
+    what = "%s [%s, %s]" % (case["name"], mode, source)
+    ref_gates = ref["gates"]
+    if case["multiplier"]:
+        ref_gates = ref_gates * data["multiplier"][:, None]
+    # Same experts selected for every token, exactly.
+    np.testing.assert_array_equal(
+        mine["gates"] != 0, ref_gates != 0,
+        err_msg="%s gates: different support (experts selected)" % what)
+    assert_matches(mine["gates"], ref_gates, FORWARD_RTOL,
+                   what=what + " gates")
+    for name in ("load", "importance", "y", "aux_loss"):
+        assert_matches(mine[name], ref[name], FORWARD_RTOL,
+                       what="%s %s" % (what, name))
+    floor = _grad_floor(ref, "grad/")
+    for name in oracle.weight_names(case):
+        key = "grad/" + name
+        assert_matches(mine[key], ref[key], GRAD_RTOL, atol_floor=floor,
+                       nan_ok=(mode == "infer" and name == "noise_kernel"),
+                       what="%s d(loss)/d(%s)" % (what, name))
+
+
+def check_gating(case, ref, mine, mode, source):
+    what = "%s [%s, %s] NoisyTopKGating" % (case["name"], mode, source)
+    np.testing.assert_array_equal(
+        mine["gates"] != 0, ref["gates"] != 0,
+        err_msg="%s gates: different support (experts selected)" % what)
+    k = min(case["k"], case["n"])
+    np.testing.assert_array_equal(np.sum(mine["gates"] != 0, axis=1), k)
+    for name in ("gates", "load"):
+        assert_matches(mine[name], ref[name], FORWARD_RTOL,
+                       what="%s %s" % (what, name))
+    floor = _grad_floor(ref, "gating_grad/")
+    for name in oracle.gating_weight_names(case):
+        key = "gating_grad/" + name
+        assert_matches(mine[key], ref[key], GRAD_RTOL, atol_floor=floor,
+                       nan_ok=(mode == "infer" and name == "noise_kernel"),
+                       what="%s d(gating loss)/d(%s)" % (what, name))
+
+
+# --------------------------------------------------------------------------
+# Tests.
+# --------------------------------------------------------------------------
+
+
+class ParityFixtureTest(testing.TestCase):
+    """keras_moe against the committed fixtures (always runs)."""
+
+    @parameterized.named_parameters(*PARAMS)
+    def test_moe(self, case_name, mode):
+        case, data, results = fixture(case_name)
+        check_moe(case, data, results[mode], ours("moe", case, data)[mode],
+                  mode, "fixture")
+
+    @parameterized.named_parameters(*PARAMS)
+    def test_gating(self, case_name, mode):
+        case, data, results = fixture(case_name)
+        check_gating(case, results[mode], ours("gating", case, data)[mode],
+                     mode, "fixture")
+
+    @parameterized.named_parameters(*CASE_PARAMS)
+    def test_fixture_is_current(self, case_name):
+        # The stored case and data are what tests/oracle.py defines now;
+        # otherwise regenerate with tools/make_parity_fixtures.py.
+        case, data, _ = fixture(case_name)
+        self.assertEqual(case, oracle.CASES_BY_NAME[case_name])
+        expected = oracle.make_case_data(case)
+        self.assertEqual(sorted(data), sorted(expected))
+        for key in expected:
+            np.testing.assert_array_equal(data[key], expected[key],
+                                          err_msg=key)
+
+
+class ParityLiveOracleTest(testing.TestCase):
+    """keras_moe against the original run now (skipped when absent)."""
+
+    def setUp(self):
+        super().setUp()
+        if original_path() is None:
+            self.skipTest(
+                "the original expert_utils_2017.py was not found: set "
+                "KERAS_MOE_ORIGINAL to its path or place it at "
+                "<repo>/../shared/reference/expert_utils_2017.py")
+
+    @parameterized.named_parameters(*PARAMS)
+    def test_moe(self, case_name, mode):
+        case, data, results = live(case_name)
+        check_moe(case, data, results[mode], ours("moe", case, data)[mode],
+                  mode, "live oracle")
+
+    @parameterized.named_parameters(*PARAMS)
+    def test_gating(self, case_name, mode):
+        case, data, results = live(case_name)
+        check_gating(case, results[mode], ours("gating", case, data)[mode],
+                     mode, "live oracle")
+
+    @parameterized.named_parameters(*PARAMS)
+    def test_fixture_matches_live_oracle(self, case_name, mode):
+        # The committed fixtures are what the original computes here.
+        case, data, results = live(case_name)
+        _, _, fresults = fixture(case_name)
+        ref, stored = results[mode], fresults[mode]
+        self.assertEqual(sorted(ref), sorted(stored))
+        for key in ref:
+            grad = "grad" in key
+            what = "%s [%s] fixture vs live %s" % (case_name, mode, key)
+            nan = np.isnan(ref[key])
+            np.testing.assert_array_equal(np.isnan(stored[key]), nan,
+                                          err_msg=what + ": NaN positions")
+            floor = (_grad_floor(ref, key.split("/")[0] + "/")
+                     if grad else 0.0)
+            assert_matches(stored[key][~nan], ref[key][~nan],
+                           GRAD_RTOL if grad else FORWARD_RTOL,
+                           atol_floor=floor, what=what)
