@@ -1,5 +1,8 @@
-"""The Sparsely-Gated Mixture-of-Experts layer: the original
-`LocalMixtureOfExperts` as a Keras layer."""
+"""The Sparsely-Gated Mixture-of-Experts layers: the original
+`LocalMixtureOfExperts` and the hierarchical `DistributedMixtureOfExperts`
+as Keras layers."""
+
+import collections
 
 import keras
 import tensorflow as tf
@@ -9,9 +12,211 @@ from keras_moe.dispatch import SparseDispatcher
 from keras_moe.experts import FeedForwardExperts
 from keras_moe.gating import NoisyTopKGating
 
+# What routing one flat batch of tokens gives. `expert_index`,
+# `batch_index` and `expert_gates` list each routed (token, expert) pair,
+# sorted by expert, then by token; `gates` builds the dense
+# `[tokens, num_experts]` gates only when asked for.
+Routed = collections.namedtuple(
+    "Routed",
+    ["outputs", "importance", "load", "expert_index", "batch_index",
+     "expert_gates", "part_sizes", "gates"],
+)
+
+
+class _SparseMixtureBase(keras.layers.Layer):
+    """What every sparse MoE layer shares: flattening inputs of any rank,
+    masks, side-input checks, the balancing loss and the routing report.
+
+    Subclasses define `_route` on one flat batch of tokens, the sizes
+    (`num_experts`, `input_dim`, `gating_input_dim`, `output_dim`) and
+    `_noise_shapes`.
+    """
+
+    def __init__(self, loss_coef=1e-2, **kwargs):
+        super().__init__(**kwargs)
+        self.loss_coef = validation.check_non_negative_float(
+            "loss_coef", loss_coef
+        )
+        self.supports_masking = True
+        self.supports_jit = False
+        # Inputs are cast here, the experts' to the compute dtype and the
+        # gate's to float32: Keras must not round them (or `noise`) to
+        # float16 first. The experts autocast their own kernels.
+        self.autocast = False
+
+    def _noise_shapes(self):
+        """Trailing shapes of the noise draws, one per gating level."""
+        raise NotImplementedError
+
+    def _route(self, x, gate_x, training, multiplier, noise):
+        """Routes flat tokens `x [tokens, d]`; returns a `Routed`."""
+        raise NotImplementedError
+
+    def call(
+        self,
+        inputs,
+        training=None,
+        mask=None,
+        gate_multiplier=None,
+        gating_inputs=None,
+        return_routing=False,
+        noise=None,
+    ):
+        inputs = validation.check_float_tensor("inputs", inputs)
+        validation.check_input_shape(
+            "inputs", inputs.shape, 2, None, self.input_dim
+        )
+        leading_shape = tf.shape(inputs)[:-1]
+        x = tf.reshape(inputs, [-1, self.input_dim])
+        gate_x = x
+        if gating_inputs is not None:
+            gating_inputs = validation.check_float_tensor(
+                "gating_inputs", gating_inputs
+            )
+            validation.check_input_shape(
+                "gating_inputs", gating_inputs.shape, 2, None,
+                self.gating_input_dim,
+            )
+            gating_inputs = validation.check_leading_shape(
+                "gating_inputs", gating_inputs, inputs, "inputs",
+                (self.gating_input_dim,),
+            )
+            gate_x = tf.reshape(gating_inputs, [-1, self.gating_input_dim])
+        multiplier = None
+        if gate_multiplier is not None:
+            gate_multiplier = validation.check_float_tensor(
+                "gate_multiplier", gate_multiplier
+            )
+            gate_multiplier = validation.check_leading_shape(
+                "gate_multiplier", gate_multiplier, inputs, "inputs"
+            )
+            multiplier = tf.reshape(tf.cast(gate_multiplier, tf.float32), [-1])
+        if noise is not None:
+            noise = self._flatten_noise(noise, inputs)
+        positions = None
+        if mask is not None:
+            mask = validation.check_leading_shape(
+                "mask", tf.cast(tf.convert_to_tensor(mask), tf.bool), inputs,
+                "inputs",
+            )
+            # Only unmasked tokens reach the gate: they alone are routed and
+            # counted in importance and load.
+            positions = tf.where(tf.reshape(mask, [-1]))[:, 0]
+            x = tf.gather(x, positions)
+            gate_x = x if gating_inputs is None else tf.gather(gate_x, positions)
+            if multiplier is not None:
+                multiplier = tf.gather(multiplier, positions)
+            if noise is not None:
+                noise = [tf.gather(draw, positions) for draw in noise]
+        if gating_inputs is not None:
+            x = validation.check_finite("inputs", x)
+        if noise is not None and len(noise) == 1:
+            noise = noise[0]
+
+        routed = self._route(x, gate_x, training, multiplier, noise)
+        aux_loss = self.loss_coef * (
+            balance.cv_squared(routed.importance)
+            + balance.cv_squared(routed.load)
+        )
+        self.add_loss(aux_loss)
+
+        num_tokens = tf.reduce_prod(leading_shape)
+        outputs = routed.outputs
+        if positions is not None:
+            outputs = _scatter_positions(outputs, positions, num_tokens)
+        outputs = tf.reshape(
+            outputs, tf.concat([leading_shape, [self.output_dim]], 0)
+        )
+        outputs = tf.ensure_shape(
+            outputs, inputs.shape[:-1].concatenate([self.output_dim])
+        )
+        if not return_routing:
+            return outputs
+        gates = routed.gates()
+        token_index = tf.cast(routed.batch_index, tf.int64)
+        if positions is not None:
+            gates = _scatter_positions(gates, positions, num_tokens)
+            token_index = tf.gather(positions, token_index)
+        gates = tf.reshape(
+            gates, tf.concat([leading_shape, [self.num_experts]], 0)
+        )
+        routing = {
+            "gates": gates,
+            "importance": routed.importance,
+            "load": routed.load,
+            "aux_loss": aux_loss,
+            "part_sizes": routed.part_sizes,
+            "expert_index": routed.expert_index,
+            "token_index": token_index,
+            "expert_gates": routed.expert_gates,
+        }
+        return outputs, routing
+
+    def _flatten_noise(self, noise, inputs):
+        shapes = self._noise_shapes()
+        names = ["noise"] if len(shapes) == 1 else [
+            f"noise[{i}]" for i in range(len(shapes))
+        ]
+        if len(shapes) == 1:
+            draws = [noise]
+        elif isinstance(noise, (list, tuple)) and len(noise) == len(shapes):
+            draws = list(noise)
+        else:
+            raise ValueError(
+                f"`noise` must be a tuple of {len(shapes)} tensors with "
+                f"trailing shapes {shapes}. Received: noise={noise!r}"
+            )
+        flat = []
+        for name, draw, shape in zip(names, draws, shapes):
+            draw = validation.check_float_tensor(name, draw)
+            draw = validation.check_leading_shape(
+                name, draw, inputs, "inputs", shape
+            )
+            flat.append(tf.reshape(draw, (-1,) + tuple(shape)))
+        return flat
+
+    def compute_output_shape(self, inputs_shape, gating_inputs_shape=None):
+        return tuple(inputs_shape[:-1]) + (
+            self._output_dim_for(inputs_shape[-1]),
+        )
+
+    def compute_output_spec(
+        self,
+        inputs,
+        training=None,
+        mask=None,
+        gate_multiplier=None,
+        gating_inputs=None,
+        return_routing=False,
+        noise=None,
+    ):
+        outputs = keras.KerasTensor(
+            self.compute_output_shape(inputs.shape), dtype=self.compute_dtype
+        )
+        if not return_routing:
+            return outputs
+        n = self.num_experts
+        statistics_shape = self._statistics_shape()
+        routing = {
+            "gates": keras.KerasTensor(
+                tuple(inputs.shape[:-1]) + (n,), dtype="float32"
+            ),
+            "importance": keras.KerasTensor(statistics_shape, dtype="float32"),
+            "load": keras.KerasTensor(statistics_shape, dtype="float32"),
+            "aux_loss": keras.KerasTensor((), dtype="float32"),
+            "part_sizes": keras.KerasTensor((n,), dtype="int32"),
+            "expert_index": keras.KerasTensor((None,), dtype="int32"),
+            "token_index": keras.KerasTensor((None,), dtype="int64"),
+            "expert_gates": keras.KerasTensor((None,), dtype="float32"),
+        }
+        return outputs, routing
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class MixtureOfExperts(keras.layers.Layer):
+class MixtureOfExperts(_SparseMixtureBase):
     """Sparsely-Gated Mixture-of-Experts layer.
 
     From Shazeer et al. (2017), "Outrageously Large Neural Networks: The
@@ -72,7 +277,10 @@ class MixtureOfExperts(keras.layers.Layer):
         The outputs; with `return_routing=True`, `(outputs, routing)` where
         `routing` holds `gates` `(..., num_experts)` (zero at masked
         positions), `importance` `(num_experts,)`, `load` `(num_experts,)`,
-        `aux_loss` (scalar) and `part_sizes` `(num_experts,)` int32.
+        `aux_loss` (scalar), `part_sizes` `(num_experts,)` int32, and one
+        entry per routed (token, expert) pair, sorted by expert then token:
+        `expert_index` int32, `token_index` int64 (the token's position in
+        `inputs` flattened over its leading axes) and `expert_gates`.
 
     Example:
 
@@ -83,7 +291,6 @@ class MixtureOfExperts(keras.layers.Layer):
     >>> len(moe.losses)
     1
     """
-
     def __init__(
         self,
         num_experts,
@@ -100,16 +307,7 @@ class MixtureOfExperts(keras.layers.Layer):
         seed=None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.loss_coef = validation.check_non_negative_float(
-            "loss_coef", loss_coef
-        )
-        self.supports_masking = True
-        self.supports_jit = False
-        # Inputs are cast here, the experts' to the compute dtype and the
-        # gate's to float32: Keras must not round them (or `noise`) to
-        # float16 first. The experts autocast their own kernels.
-        self.autocast = False
+        super().__init__(loss_coef=loss_coef, **kwargs)
         self.gating = NoisyTopKGating(
             num_experts,
             k=k,
@@ -135,6 +333,27 @@ class MixtureOfExperts(keras.layers.Layer):
     def num_experts(self):
         return self.gating.num_experts
 
+    @property
+    def input_dim(self):
+        return self.experts.layer_sizes[0]
+
+    @property
+    def gating_input_dim(self):
+        return self.gating.input_dim
+
+    @property
+    def output_dim(self):
+        return self.experts.layer_sizes[-1]
+
+    def _output_dim_for(self, input_dim):
+        return self.experts.output_dim or input_dim
+
+    def _statistics_shape(self):
+        return (self.num_experts,)
+
+    def _noise_shapes(self):
+        return [(self.num_experts,)]
+
     def build(self, inputs_shape, gating_inputs_shape=None):
         validation.check_input_shape("inputs", inputs_shape, 2)
         input_dim = inputs_shape[-1]
@@ -146,142 +365,25 @@ class MixtureOfExperts(keras.layers.Layer):
         self.gating.build((None, gating_dim))
         self.experts.build((None, input_dim))
 
-    def call(
-        self,
-        inputs,
-        training=None,
-        mask=None,
-        gate_multiplier=None,
-        gating_inputs=None,
-        return_routing=False,
-        noise=None,
-    ):
-        inputs = validation.check_float_tensor("inputs", inputs)
-        input_dim = self.experts.layer_sizes[0]
-        validation.check_input_shape("inputs", inputs.shape, 2, None, input_dim)
-        leading_shape = tf.shape(inputs)[:-1]
-        x = tf.reshape(inputs, [-1, input_dim])
-        gate_x = x
-        if gating_inputs is not None:
-            gating_inputs = validation.check_float_tensor(
-                "gating_inputs", gating_inputs
-            )
-            validation.check_input_shape(
-                "gating_inputs", gating_inputs.shape, 2, None,
-                self.gating.input_dim,
-            )
-            gating_inputs = validation.check_leading_shape(
-                "gating_inputs", gating_inputs, inputs, "inputs",
-                (self.gating.input_dim,),
-            )
-            gate_x = tf.reshape(gating_inputs, [-1, self.gating.input_dim])
-        multiplier = None
-        if gate_multiplier is not None:
-            gate_multiplier = validation.check_float_tensor(
-                "gate_multiplier", gate_multiplier
-            )
-            gate_multiplier = validation.check_leading_shape(
-                "gate_multiplier", gate_multiplier, inputs, "inputs"
-            )
-            multiplier = tf.reshape(tf.cast(gate_multiplier, tf.float32), [-1])
-        if noise is not None:
-            noise = validation.check_float_tensor("noise", noise)
-            noise = validation.check_leading_shape(
-                "noise", noise, inputs, "inputs", (self.num_experts,)
-            )
-            noise = tf.reshape(noise, [-1, self.num_experts])
-        positions = None
-        if mask is not None:
-            mask = tf.convert_to_tensor(mask)
-            mask = validation.check_leading_shape(
-                "mask", tf.cast(mask, tf.bool), inputs, "inputs"
-            )
-            # Only unmasked tokens reach the gate: they alone are routed and
-            # counted in importance and load.
-            positions = tf.where(tf.reshape(mask, [-1]))[:, 0]
-            x = tf.gather(x, positions)
-            gate_x = x if gating_inputs is None else tf.gather(gate_x, positions)
-            if multiplier is not None:
-                multiplier = tf.gather(multiplier, positions)
-            if noise is not None:
-                noise = tf.gather(noise, positions)
-        if gating_inputs is not None:
-            x = validation.check_finite("inputs", x)
-
+    def _route(self, x, gate_x, training, multiplier, noise):
         gates, load = self.gating(gate_x, training=training, noise=noise)
         if multiplier is not None:
             gates *= tf.expand_dims(multiplier, 1)
-        importance = tf.reduce_sum(gates, 0)
         dispatcher = SparseDispatcher(self.num_experts, gates)
         expert_outputs = self.experts(
             tf.cast(dispatcher.dispatch_concatenated(x), self.compute_dtype),
             dispatcher.part_sizes,
         )
-        outputs = dispatcher.combine_concatenated(expert_outputs)
-        aux_loss = self.loss_coef * (
-            balance.cv_squared(importance) + balance.cv_squared(load)
+        return Routed(
+            outputs=dispatcher.combine_concatenated(expert_outputs),
+            importance=tf.reduce_sum(gates, 0),
+            load=load,
+            expert_index=dispatcher.expert_index,
+            batch_index=dispatcher.batch_index,
+            expert_gates=dispatcher.nonzero_gates,
+            part_sizes=dispatcher.part_sizes,
+            gates=lambda: gates,
         )
-        self.add_loss(aux_loss)
-
-        output_dim = self.experts.layer_sizes[-1]
-        num_tokens = tf.reduce_prod(leading_shape)
-        if positions is not None:
-            outputs = _scatter_positions(outputs, positions, num_tokens)
-        outputs = tf.reshape(
-            outputs, tf.concat([leading_shape, [output_dim]], 0)
-        )
-        outputs = tf.ensure_shape(
-            outputs, inputs.shape[:-1].concatenate([output_dim])
-        )
-        if not return_routing:
-            return outputs
-        if positions is not None:
-            gates = _scatter_positions(gates, positions, num_tokens)
-        gates = tf.reshape(
-            gates, tf.concat([leading_shape, [self.num_experts]], 0)
-        )
-        routing = {
-            "gates": gates,
-            "importance": importance,
-            "load": load,
-            "aux_loss": aux_loss,
-            "part_sizes": dispatcher.part_sizes,
-        }
-        return outputs, routing
-
-    def compute_output_shape(self, inputs_shape, gating_inputs_shape=None):
-        output_dim = self.experts.output_dim or inputs_shape[-1]
-        return tuple(inputs_shape[:-1]) + (output_dim,)
-
-    def compute_output_spec(
-        self,
-        inputs,
-        training=None,
-        mask=None,
-        gate_multiplier=None,
-        gating_inputs=None,
-        return_routing=False,
-        noise=None,
-    ):
-        outputs = keras.KerasTensor(
-            self.compute_output_shape(inputs.shape), dtype=self.compute_dtype
-        )
-        if not return_routing:
-            return outputs
-        n = self.num_experts
-        routing = {
-            "gates": keras.KerasTensor(
-                tuple(inputs.shape[:-1]) + (n,), dtype="float32"
-            ),
-            "importance": keras.KerasTensor((n,), dtype="float32"),
-            "load": keras.KerasTensor((n,), dtype="float32"),
-            "aux_loss": keras.KerasTensor((), dtype="float32"),
-            "part_sizes": keras.KerasTensor((n,), dtype="int32"),
-        }
-        return outputs, routing
-
-    def compute_mask(self, inputs, mask=None):
-        return mask
 
     def get_config(self):
         base_config = super().get_config()
