@@ -31,16 +31,23 @@ from keras_moe.balance import cv_squared, gates_to_load, max_overload
 from keras_moe.dispatch import SparseDispatcher
 from keras_moe.experts import FeedForwardExperts
 from keras_moe.gating import NoisyTopKGating
-from keras_moe.moe import MixtureOfExperts
+from keras_moe.introspection import expert_to_gates, expert_to_tokens
+from keras_moe.moe import HierarchicalMixtureOfExperts, MixtureOfExperts
+
+from keras_moe import compat  # noqa: E402  (after the layers it loads into)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "MixtureOfExperts",
+    "HierarchicalMixtureOfExperts",
     "NoisyTopKGating",
     "FeedForwardExperts",
     "SparseDispatcher",
     "cv_squared",
     "max_overload",
     "gates_to_load",
+    "expert_to_tokens",
+    "expert_to_gates",
+    "compat",
 ]

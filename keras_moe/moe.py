@@ -411,6 +411,276 @@ class MixtureOfExperts(_SparseMixtureBase):
         return {**base_config, **config}
 
 
+@keras.saving.register_keras_serializable(package="keras_moe")
+class HierarchicalMixtureOfExperts(_SparseMixtureBase):
+    """Two-level (hierarchical) Sparsely-Gated Mixture-of-Experts layer.
+
+    From Shazeer et al. (2017, https://arxiv.org/abs/1701.06538), appendix
+    B; a port of the original `DistributedMixtureOfExperts` with a secondary
+    gating network. A primary noisy top-k gating (`.primary_gating`) picks
+    `k` of `num_groups` groups per token; each group (`.groups[i]`, a
+    `MixtureOfExperts`) picks `group_k` of its `experts_per_group` experts
+    with its own gating. The primary gates multiply into the secondary gates
+    (the original's `per_example_multiplier`), so the output is
+    `sum_i sum_j primary[b, i] * secondary_i[b, j] * expert_ij(x[b])`.
+
+    Importance and load are `[num_groups, experts_per_group]`: importance
+    sums the combined gates; load is each group's secondary load rescaled
+    by `primary_smooth_load / (primary_true_load + 1e-10)`, so that the
+    primary gating also gets a balancing gradient. One balancing loss,
+    `loss_coef * (cv_squared(importance) + cv_squared(load))`, covers the
+    whole layer; the groups add none of their own.
+
+    Args:
+        num_groups: int >= 1, the number of groups (primary experts).
+        experts_per_group: int >= 1.
+        k: int in `[1, num_groups]`, groups per token.
+        group_k: int in `[1, experts_per_group]`, experts per token in each
+            group it reaches.
+        output_dim, hidden_sizes, hidden_activation, autoscale,
+        noisy_gating, noise_epsilon, loss_coef, gate_initializer,
+        expert_initializer: as in `MixtureOfExperts`, for every group.
+        seed: optional int; the primary gating uses `seed` and group `i`
+            uses `seed + 1 + i`.
+        **kwargs: base layer keyword arguments.
+
+    Call arguments:
+        inputs, training, mask, gate_multiplier, return_routing: as in
+            `MixtureOfExperts` (`gate_multiplier` scales the primary gates).
+        gating_inputs: optional `[..., d_gate]`: the primary gate reads it;
+            the groups' gates and experts read `inputs` (the original's
+            `xs` and `shadow_xs`).
+        noise: optional tuple `(primary, secondary)` of standard-normal
+            draws, `inputs.shape[:-1] + (num_groups,)` and
+            `inputs.shape[:-1] + (num_groups, experts_per_group)`; group
+            `i` uses `secondary[..., i, :]` for the tokens it receives.
+
+    Input shape:
+        `(..., d)`.
+
+    Output shape:
+        `(..., output_dim)`.
+
+    Returns:
+        The outputs; with `return_routing=True`, `(outputs, routing)` with
+        the keys of `MixtureOfExperts`, where expert `(i, j)` has the flat
+        index `i * experts_per_group + j` (in `gates`, `part_sizes` and
+        `expert_index`), `importance` and `load` are
+        `(num_groups, experts_per_group)`.
+
+    Example:
+
+    >>> moe = HierarchicalMixtureOfExperts(num_groups=4, experts_per_group=4,
+    ...                                    k=2, group_k=2, hidden_sizes=(16,))
+    >>> y, routing = moe(np.random.rand(6, 8).astype("float32"),
+    ...                  return_routing=True)
+    >>> y.shape, routing["load"].shape, routing["gates"].shape
+    (TensorShape([6, 8]), TensorShape([4, 4]), TensorShape([6, 16]))
+    """
+
+    def __init__(
+        self,
+        num_groups,
+        experts_per_group,
+        k=2,
+        group_k=2,
+        output_dim=None,
+        hidden_sizes=(),
+        hidden_activation="relu",
+        autoscale=True,
+        noisy_gating=True,
+        noise_epsilon=1e-2,
+        loss_coef=1e-2,
+        gate_initializer="zeros",
+        expert_initializer="glorot_uniform",
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(loss_coef=loss_coef, **kwargs)
+        num_groups = validation.check_int("num_groups", num_groups, 1)
+        experts_per_group = validation.check_int(
+            "experts_per_group", experts_per_group, 1
+        )
+        validation.check_int("group_k", group_k, 1, experts_per_group)
+        if seed is not None:
+            validation.check_int("seed", seed, 0)
+        self.seed = seed
+        self.primary_gating = NoisyTopKGating(
+            num_groups,
+            k=k,
+            noisy_gating=noisy_gating,
+            noise_epsilon=noise_epsilon,
+            kernel_initializer=gate_initializer,
+            seed=seed,
+            dtype=self.dtype_policy,
+            name="primary_gating",
+        )
+        self.groups = [
+            MixtureOfExperts(
+                experts_per_group,
+                k=group_k,
+                output_dim=output_dim,
+                hidden_sizes=hidden_sizes,
+                hidden_activation=hidden_activation,
+                autoscale=autoscale,
+                noisy_gating=noisy_gating,
+                noise_epsilon=noise_epsilon,
+                loss_coef=0.0,  # the layer's one loss covers the groups
+                gate_initializer=gate_initializer,
+                expert_initializer=expert_initializer,
+                seed=None if seed is None else seed + 1 + i,
+                dtype=self.dtype_policy,
+                name=f"group_{i}",
+            )
+            for i in range(num_groups)
+        ]
+
+    @property
+    def num_groups(self):
+        return self.primary_gating.num_experts
+
+    @property
+    def experts_per_group(self):
+        return self.groups[0].num_experts
+
+    @property
+    def num_experts(self):
+        return self.num_groups * self.experts_per_group
+
+    @property
+    def input_dim(self):
+        return self.groups[0].input_dim
+
+    @property
+    def gating_input_dim(self):
+        return self.primary_gating.input_dim
+
+    @property
+    def output_dim(self):
+        return self.groups[0].output_dim
+
+    def _output_dim_for(self, input_dim):
+        return self.groups[0]._output_dim_for(input_dim)
+
+    def _statistics_shape(self):
+        return (self.num_groups, self.experts_per_group)
+
+    def _noise_shapes(self):
+        return [(self.num_groups,), (self.num_groups, self.experts_per_group)]
+
+    def build(self, inputs_shape, gating_inputs_shape=None):
+        validation.check_input_shape("inputs", inputs_shape, 2)
+        input_dim = inputs_shape[-1]
+        if gating_inputs_shape is None:
+            gating_dim = input_dim
+        else:
+            validation.check_input_shape("gating_inputs", gating_inputs_shape, 2)
+            gating_dim = gating_inputs_shape[-1]
+        self.primary_gating.build((None, gating_dim))
+        for group in self.groups:
+            group.build((None, input_dim))
+
+    def _route(self, x, gate_x, training, multiplier, noise):
+        primary_noise, secondary_noise = (None, None) if noise is None else noise
+        primary_gates, primary_smooth_load = self.primary_gating(
+            gate_x, training=training, noise=primary_noise
+        )
+        if multiplier is not None:
+            primary_gates *= tf.expand_dims(multiplier, 1)
+        primary_true_load = balance.gates_to_load(primary_gates)
+        dispatcher = SparseDispatcher(self.num_groups, primary_gates)
+        group_inputs = dispatcher.dispatch(x)
+        group_multipliers = dispatcher.expert_to_gates()
+        if secondary_noise is None:
+            group_noise = [None] * self.num_groups
+        else:
+            # Each routed (token, group) pair reads its own noise row.
+            pairs = tf.stack([dispatcher.batch_index, dispatcher.expert_index], 1)
+            group_noise = tf.split(
+                tf.gather_nd(secondary_noise, pairs), dispatcher.part_sizes,
+                num=self.num_groups,
+            )
+        routed_groups = [
+            group._route(inputs, inputs, training, group_multiplier, draw)
+            for group, inputs, group_multiplier, draw in zip(
+                self.groups, group_inputs, group_multipliers, group_noise
+            )
+        ]
+        # The secondary gates already carry the primary gates.
+        outputs = dispatcher.combine(
+            [routed.outputs for routed in routed_groups],
+            multiply_by_gates=False,
+        )
+        importance = tf.stack([routed.importance for routed in routed_groups])
+        load = tf.stack([routed.load for routed in routed_groups]) * (
+            tf.expand_dims(
+                primary_smooth_load / (primary_true_load + 1e-10), 1
+            )
+        )
+        # Flat expert index i * experts_per_group + j; a group's local
+        # token index points into the tokens that group received.
+        group_starts = tf.cumsum(dispatcher.part_sizes, exclusive=True)
+        expert_index = tf.concat(
+            [routed.expert_index + i * self.experts_per_group
+             for i, routed in enumerate(routed_groups)], 0
+        )
+        batch_index = tf.gather(
+            dispatcher.batch_index,
+            tf.concat([routed.batch_index + group_starts[i]
+                       for i, routed in enumerate(routed_groups)], 0),
+        )
+        expert_gates = tf.concat(
+            [routed.expert_gates for routed in routed_groups], 0
+        )
+
+        def dense_gates():
+            return tf.scatter_nd(
+                tf.stack([batch_index, expert_index], 1),
+                expert_gates,
+                tf.stack([tf.shape(x)[0], self.num_experts]),
+            )
+
+        return Routed(
+            outputs=outputs,
+            importance=importance,
+            load=load,
+            expert_index=expert_index,
+            batch_index=batch_index,
+            expert_gates=expert_gates,
+            part_sizes=tf.concat(
+                [routed.part_sizes for routed in routed_groups], 0
+            ),
+            gates=dense_gates,
+        )
+
+    def get_config(self):
+        base_config = super().get_config()
+        primary, group = self.primary_gating, self.groups[0]
+        config = {
+            "num_groups": self.num_groups,
+            "experts_per_group": self.experts_per_group,
+            "k": primary.k,
+            "group_k": group.gating.k,
+            "output_dim": group.experts.output_dim,
+            "hidden_sizes": list(group.experts.hidden_sizes),
+            "hidden_activation": keras.activations.serialize(
+                group.experts.hidden_activation
+            ),
+            "autoscale": group.experts.autoscale,
+            "noisy_gating": primary.noisy_gating,
+            "noise_epsilon": primary.noise_epsilon,
+            "loss_coef": self.loss_coef,
+            "gate_initializer": keras.initializers.serialize(
+                primary.kernel_initializer
+            ),
+            "expert_initializer": keras.initializers.serialize(
+                group.experts.kernel_initializer
+            ),
+            "seed": self.seed,
+        }
+        return {**base_config, **config}
+
+
 def _scatter_positions(values, positions, num_tokens):
     """Rows of `values` placed at `positions` of a zero `[num_tokens, ...]`."""
     shape = tf.concat(

@@ -1,0 +1,188 @@
+"""HierarchicalMixtureOfExperts: the two-level layer's numbers, shapes,
+loss, masks, serialization and export (parity with the original is in
+test_parity_hierarchical.py)."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_moe
+
+N1, N2, D = 3, 4, 5
+
+
+def _layer(**kwargs):
+    layer = keras_moe.HierarchicalMixtureOfExperts(
+        N1, N2, gate_initializer=keras.initializers.RandomNormal(seed=1),
+        **kwargs,
+    )
+    layer.build((None, D))
+    return layer
+
+
+def _dense_reference(layer, x, gates):
+    """sum over (i, j) of gates[b, i * N2 + j] * expert_ij(x[b])."""
+    outputs = [
+        group.experts.call_expert(x, j).numpy()
+        for group in layer.groups for j in range(group.num_experts)
+    ]
+    return np.einsum("be,ebo->bo", gates, np.stack(outputs))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("k, group_k", [(1, 1), (2, 2), (3, 4)])
+def test_output_is_the_gate_weighted_sum_of_all_experts(k, group_k, training):
+    layer = _layer(k=k, group_k=group_k, hidden_sizes=(6,))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(11, D)).astype("float32")
+    noise = (rng.normal(size=(11, N1)).astype("float32"),
+             rng.normal(size=(11, N1, N2)).astype("float32"))
+    y, routing = layer(x, training=training, noise=noise, return_routing=True)
+    gates = routing["gates"].numpy()
+    assert gates.shape == (11, N1 * N2)
+    np.testing.assert_allclose(gates.sum(1), 1.0, rtol=1e-5)
+    nonzero = (gates > 0).reshape(11, N1, N2)
+    np.testing.assert_array_equal(nonzero.any(2).sum(1), k)
+    np.testing.assert_array_equal(nonzero.sum(2)[nonzero.any(2)], group_k)
+    np.testing.assert_allclose(y, _dense_reference(layer, x, gates),
+                               rtol=1e-5, atol=1e-6)
+    # The primary gates are each group's share of the combined gates.
+    primary, _ = layer.primary_gating(x, training=training, noise=noise[0])
+    np.testing.assert_allclose(gates.reshape(11, N1, N2).sum(2), primary,
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        routing["importance"], gates.sum(0).reshape(N1, N2), rtol=1e-5
+    )
+
+
+def test_clean_gating_load_is_the_count():
+    layer = _layer(noisy_gating=False)
+    x = np.random.default_rng(1).normal(size=(20, D)).astype("float32")
+    _, routing = layer(x, training=True, return_routing=True)
+    counts = (routing["gates"].numpy() > 0).sum(0).reshape(N1, N2)
+    np.testing.assert_allclose(routing["load"], counts, rtol=1e-6)
+    np.testing.assert_array_equal(routing["part_sizes"], counts.reshape(-1))
+
+
+def test_one_loss_for_the_whole_layer():
+    layer = _layer(loss_coef=0.5)
+    x = np.random.default_rng(2).normal(size=(9, D)).astype("float32")
+    _, routing = layer(x, training=True, return_routing=True)
+    assert len(layer.losses) == 1
+    expected = 0.5 * (keras_moe.cv_squared(routing["importance"])
+                      + keras_moe.cv_squared(routing["load"]))
+    np.testing.assert_allclose(layer.losses[0], expected, rtol=1e-6)
+    assert all(group.loss_coef == 0.0 for group in layer.groups)
+
+
+def test_max_overload_of_hierarchical_load_is_per_group():
+    layer = _layer(k=1)
+    x = np.random.default_rng(3).normal(size=(30, D)).astype("float32")
+    _, routing = layer(x, training=True, return_routing=True)
+    per_group = routing["load"].numpy().sum(1)
+    np.testing.assert_allclose(
+        keras_moe.max_overload(routing["load"]),
+        per_group.max() / (per_group.mean() + 1e-10), rtol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_any_rank_and_mask_equal_the_unmasked_rows(training):
+    layer = _layer()
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 6, D)).astype("float32")
+    noise = (rng.normal(size=(2, 6, N1)).astype("float32"),
+             rng.normal(size=(2, 6, N1, N2)).astype("float32"))
+    mask = rng.random((2, 6)) > 0.3
+    y, routing = layer(x, mask=mask, noise=noise, training=training,
+                       return_routing=True)
+    kept_y, kept = layer(x[mask], noise=(noise[0][mask], noise[1][mask]),
+                         training=training, return_routing=True)
+    np.testing.assert_allclose(y.numpy()[mask], kept_y, rtol=1e-6)
+    np.testing.assert_array_equal(y.numpy()[~mask], 0.0)
+    for key in ("importance", "load", "aux_loss"):
+        np.testing.assert_allclose(routing[key], kept[key], rtol=1e-6)
+
+
+def test_gating_inputs_feed_only_the_primary_gate():
+    layer = keras_moe.HierarchicalMixtureOfExperts(
+        N1, N2, noisy_gating=False, gate_initializer="random_normal"
+    )
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(7, D)).astype("float32")
+    gate_x = rng.normal(size=(7, 2)).astype("float32")
+    y, routing = layer(x, gating_inputs=gate_x, return_routing=True)
+    assert layer.primary_gating.gate_kernel.shape == (2, N1)
+    assert all(g.gating.gate_kernel.shape == (D, N2) for g in layer.groups)
+    primary, _ = layer.primary_gating(gate_x)
+    gates = routing["gates"].numpy()
+    np.testing.assert_allclose(gates.reshape(7, N1, N2).sum(2), primary,
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(y, _dense_reference(layer, x, gates),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="group_k=5"):
+        keras_moe.HierarchicalMixtureOfExperts(2, 4, group_k=5)
+    with pytest.raises(ValueError, match="num_groups=0"):
+        keras_moe.HierarchicalMixtureOfExperts(0, 4)
+    with pytest.raises(ValueError, match="k=3"):
+        keras_moe.HierarchicalMixtureOfExperts(2, 4, k=3)
+    layer = _layer()
+    with pytest.raises(ValueError, match="tuple of 2 tensors"):
+        layer(np.ones((2, D), "float32"), training=True,
+              noise=np.ones((2, N1), "float32"))
+    with pytest.raises(ValueError, match=r"noise\[1\].shape=\(2, 3, 3\)"):
+        layer(np.ones((2, D), "float32"), training=True,
+              noise=(np.ones((2, N1), "float32"),
+                     np.ones((2, N1, 3), "float32")))
+
+
+def _model():
+    inputs = keras.Input((4, D))
+    h = keras_moe.HierarchicalMixtureOfExperts(
+        N1, N2, hidden_sizes=(6,), output_dim=3,
+        gate_initializer="random_normal", seed=3,
+    )(inputs)
+    return keras.Model(inputs, keras.layers.Dense(2)(h))
+
+
+def test_keras_file_round_trip(tmp_path):
+    model = _model()
+    x = np.random.default_rng(6).normal(size=(5, 4, D)).astype("float32")
+    path = os.path.join(tmp_path, "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(model.predict(x, verbose=0),
+                                  loaded.predict(x, verbose=0))
+    layer = loaded.layers[1]
+    assert isinstance(layer, keras_moe.HierarchicalMixtureOfExperts)
+    assert layer.get_config() == model.layers[1].get_config()
+
+
+def test_saved_model_export(tmp_path):
+    model = _model()
+    x = np.random.default_rng(7).normal(size=(5, 4, D)).astype("float32")
+    path = os.path.join(tmp_path, "exported")
+    model.export(path, verbose=False)
+    reloaded = tf.saved_model.load(path)  # keep it: it owns the variables
+    served = reloaded.serve(tf.constant(x))
+    np.testing.assert_allclose(served, model.predict(x, verbose=0),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_fit_step_changes_every_weight():
+    model = _model()
+    model.compile("adam", "mse")
+    rng = np.random.default_rng(8)
+    x, y = rng.normal(size=(32, 4, D)), rng.normal(size=(32, 4, 2))
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    changed = [not np.array_equal(b, w.numpy())
+               for b, w in zip(before, model.trainable_weights)]
+    assert all(changed), [w.path for w, c in
+                          zip(model.trainable_weights, changed) if not c]
