@@ -132,8 +132,8 @@ class NoisyTopKGating(keras.layers.Layer):
                 + self.noise_epsilon
             )
             if noise is None:
-                noise = keras.random.normal(
-                    tf.shape(clean_logits), seed=self.seed_generator
+                noise = tf.random.stateless_normal(
+                    tf.shape(clean_logits), seed=self._noise_seed()
                 )
             else:
                 noise = validation.check_float_tensor("noise", noise)
@@ -166,6 +166,19 @@ class NoisyTopKGating(keras.layers.Layer):
         else:
             load = balance.gates_to_load(gates)
         return gates, load
+
+    def _noise_seed(self):
+        """The next seed of the layer's stream, distinct on each replica.
+
+        A `SeedGenerator` is mirrored: without folding in the replica id,
+        every replica would draw the same noise for different tokens.
+        """
+        seed = self.seed_generator.next()
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            replica_id = tf.cast(context.replica_id_in_sync_group, seed.dtype)
+            seed = tf.random.experimental.stateless_fold_in(seed, replica_id)
+        return seed
 
     def compute_output_shape(self, input_shape):
         return (

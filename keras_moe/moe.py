@@ -12,14 +12,16 @@ from keras_moe.dispatch import SparseDispatcher
 from keras_moe.experts import FeedForwardExperts
 from keras_moe.gating import NoisyTopKGating
 
-# What routing one flat batch of tokens gives. `expert_index`,
+# What routing one flat batch of tokens gives. `statistics` holds the
+# batch sums that the balancing loss is made of (summed over replicas before
+# `_balance` turns them into importance and load); `expert_index`,
 # `batch_index` and `expert_gates` list each routed (token, expert) pair,
 # sorted by expert, then by token; `gates` builds the dense
 # `[tokens, num_experts]` gates only when asked for.
 Routed = collections.namedtuple(
     "Routed",
-    ["outputs", "importance", "load", "expert_index", "batch_index",
-     "expert_gates", "part_sizes", "gates"],
+    ["outputs", "statistics", "expert_index", "batch_index", "expert_gates",
+     "part_sizes", "gates"],
 )
 
 
@@ -27,15 +29,18 @@ class _SparseMixtureBase(keras.layers.Layer):
     """What every sparse MoE layer shares: flattening inputs of any rank,
     masks, side-input checks, the balancing loss and the routing report.
 
-    Subclasses define `_route` on one flat batch of tokens, the sizes
-    (`num_experts`, `input_dim`, `gating_input_dim`, `output_dim`) and
-    `_noise_shapes`.
+    Subclasses define `_route` on one flat batch of tokens, `_balance`,
+    the sizes (`num_experts`, `input_dim`, `gating_input_dim`,
+    `output_dim`) and `_noise_shapes`.
     """
 
-    def __init__(self, loss_coef=1e-2, **kwargs):
+    def __init__(self, loss_coef=1e-2, cross_replica_balance=True, **kwargs):
         super().__init__(**kwargs)
         self.loss_coef = validation.check_non_negative_float(
             "loss_coef", loss_coef
+        )
+        self.cross_replica_balance = validation.check_bool(
+            "cross_replica_balance", cross_replica_balance
         )
         self.supports_masking = True
         self.supports_jit = False
@@ -51,6 +56,25 @@ class _SparseMixtureBase(keras.layers.Layer):
     def _route(self, x, gate_x, training, multiplier, noise):
         """Routes flat tokens `x [tokens, d]`; returns a `Routed`."""
         raise NotImplementedError
+
+    def _balance(self, statistics):
+        """`(importance, load)` from a `Routed.statistics` dict."""
+        raise NotImplementedError
+
+    def _global_statistics(self, statistics):
+        """Sums the balancing statistics over replicas, differentiably.
+
+        Under a `tf.distribute` strategy each replica sees part of the
+        batch; the original summed importance and load over all its
+        datashards before the CV^2 loss, and so do we, so the loss and its
+        gradients are those of the global batch.
+        """
+        if not self.cross_replica_balance:
+            return statistics
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return statistics
+        return context.all_reduce(tf.distribute.ReduceOp.SUM, statistics)
 
     def call(
         self,
@@ -114,9 +138,11 @@ class _SparseMixtureBase(keras.layers.Layer):
             noise = noise[0]
 
         routed = self._route(x, gate_x, training, multiplier, noise)
+        importance, load = self._balance(
+            self._global_statistics(routed.statistics)
+        )
         aux_loss = self.loss_coef * (
-            balance.cv_squared(routed.importance)
-            + balance.cv_squared(routed.load)
+            balance.cv_squared(importance) + balance.cv_squared(load)
         )
         self.add_loss(aux_loss)
 
@@ -142,8 +168,8 @@ class _SparseMixtureBase(keras.layers.Layer):
         )
         routing = {
             "gates": gates,
-            "importance": routed.importance,
-            "load": routed.load,
+            "importance": importance,
+            "load": load,
             "aux_loss": aux_loss,
             "part_sizes": routed.part_sizes,
             "expert_index": routed.expert_index,
@@ -249,6 +275,12 @@ class MixtureOfExperts(_SparseMixtureBase):
             original).
         expert_initializer: initializer of each expert's kernels.
         seed: optional int, the seed of the gating noise.
+        cross_replica_balance: bool. Under a `tf.distribute` strategy with
+            several replicas, sum importance and load over all replicas
+            before the balancing loss (default), so it balances the global
+            batch as the original did over its datashards; False balances
+            each replica's share alone (no cross-replica communication,
+            a noisier loss).
         **kwargs: base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -305,9 +337,13 @@ class MixtureOfExperts(_SparseMixtureBase):
         gate_initializer="zeros",
         expert_initializer="glorot_uniform",
         seed=None,
+        cross_replica_balance=True,
         **kwargs,
     ):
-        super().__init__(loss_coef=loss_coef, **kwargs)
+        super().__init__(
+            loss_coef=loss_coef, cross_replica_balance=cross_replica_balance,
+            **kwargs,
+        )
         self.gating = NoisyTopKGating(
             num_experts,
             k=k,
@@ -376,14 +412,16 @@ class MixtureOfExperts(_SparseMixtureBase):
         )
         return Routed(
             outputs=dispatcher.combine_concatenated(expert_outputs),
-            importance=tf.reduce_sum(gates, 0),
-            load=load,
+            statistics={"importance": tf.reduce_sum(gates, 0), "load": load},
             expert_index=dispatcher.expert_index,
             batch_index=dispatcher.batch_index,
             expert_gates=dispatcher.nonzero_gates,
             part_sizes=dispatcher.part_sizes,
             gates=lambda: gates,
         )
+
+    def _balance(self, statistics):
+        return statistics["importance"], statistics["load"]
 
     def get_config(self):
         base_config = super().get_config()
@@ -400,6 +438,7 @@ class MixtureOfExperts(_SparseMixtureBase):
             "noisy_gating": gating.noisy_gating,
             "noise_epsilon": gating.noise_epsilon,
             "loss_coef": self.loss_coef,
+            "cross_replica_balance": self.cross_replica_balance,
             "gate_initializer": keras.initializers.serialize(
                 gating.kernel_initializer
             ),
@@ -439,7 +478,8 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             group it reaches.
         output_dim, hidden_sizes, hidden_activation, autoscale,
         noisy_gating, noise_epsilon, loss_coef, gate_initializer,
-        expert_initializer: as in `MixtureOfExperts`, for every group.
+        expert_initializer, cross_replica_balance: as in
+            `MixtureOfExperts`, for every group.
         seed: optional int; the primary gating uses `seed` and group `i`
             uses `seed + 1 + i`.
         **kwargs: base layer keyword arguments.
@@ -494,9 +534,13 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
         gate_initializer="zeros",
         expert_initializer="glorot_uniform",
         seed=None,
+        cross_replica_balance=True,
         **kwargs,
     ):
-        super().__init__(loss_coef=loss_coef, **kwargs)
+        super().__init__(
+            loss_coef=loss_coef, cross_replica_balance=cross_replica_balance,
+            **kwargs,
+        )
         num_groups = validation.check_int("num_groups", num_groups, 1)
         experts_per_group = validation.check_int(
             "experts_per_group", experts_per_group, 1
@@ -611,12 +655,16 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             [routed.outputs for routed in routed_groups],
             multiply_by_gates=False,
         )
-        importance = tf.stack([routed.importance for routed in routed_groups])
-        load = tf.stack([routed.load for routed in routed_groups]) * (
-            tf.expand_dims(
-                primary_smooth_load / (primary_true_load + 1e-10), 1
-            )
-        )
+        statistics = {
+            "importance": tf.stack(
+                [routed.statistics["importance"] for routed in routed_groups]
+            ),
+            "secondary_load": tf.stack(
+                [routed.statistics["load"] for routed in routed_groups]
+            ),
+            "primary_smooth_load": primary_smooth_load,
+            "primary_true_load": primary_true_load,
+        }
         # Flat expert index i * experts_per_group + j; a group's local
         # token index points into the tokens that group received.
         group_starts = tf.cumsum(dispatcher.part_sizes, exclusive=True)
@@ -642,8 +690,7 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
 
         return Routed(
             outputs=outputs,
-            importance=importance,
-            load=load,
+            statistics=statistics,
             expert_index=expert_index,
             batch_index=batch_index,
             expert_gates=expert_gates,
@@ -652,6 +699,15 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             ),
             gates=dense_gates,
         )
+
+    def _balance(self, statistics):
+        # The original's rule: each group's load, scaled by how much more
+        # (smoothly) the primary gate would send it than it truly sent.
+        scale = statistics["primary_smooth_load"] / (
+            statistics["primary_true_load"] + 1e-10
+        )
+        load = statistics["secondary_load"] * tf.expand_dims(scale, 1)
+        return statistics["importance"], load
 
     def get_config(self):
         base_config = super().get_config()
@@ -670,6 +726,7 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             "noisy_gating": primary.noisy_gating,
             "noise_epsilon": primary.noise_epsilon,
             "loss_coef": self.loss_coef,
+            "cross_replica_balance": self.cross_replica_balance,
             "gate_initializer": keras.initializers.serialize(
                 primary.kernel_initializer
             ),

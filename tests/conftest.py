@@ -7,6 +7,15 @@ os.environ["KERAS_BACKEND"] = "tensorflow"
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Four logical CPUs for the tf.distribute tests: the split must happen
+# before TensorFlow first touches a device, so it is made here, once.
+NUM_LOGICAL_CPUS = 4
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS,
+)
 
 
 @pytest.fixture(autouse=True)
