@@ -1,0 +1,415 @@
+"""Parity of keras_moe with the original `DistributedMixtureOfExperts`.
+
+The original (expert_utils_2017.py, not part of this project) runs in a TF1
+graph via tf.compat.v1 (harness: tests/oracle.py), as a hierarchical MoE (a
+secondary `LocalMixtureOfExperts` per group) and as a flat one, over one or
+several datashards on /cpu:0. keras_moe's `HierarchicalMixtureOfExperts`
+(flat: `MixtureOfExperts`) runs on the datashards concatenated in order,
+with the same weights and the same noise: the primary draw `[T, n1]` feeds
+each datashard's primary RandomStandardNormal op its rows, and the
+secondary draw `[T, n1, n2]` feeds group i's op `secondary[rows_i, i]`
+(rows_i: the tokens routed to group i, in increasing order), which is what
+ours reads through `noise=(primary, secondary)`.
+
+Compared, in training and in inference: the combined gates (same support),
+importance `[n1, n2]`, load `[n1, n2]`, outputs, aux loss, the original's
+`expert_to_gates` and `expert_to_identifiers` (identifiers = token rows)
+against ours `routing["expert_gates"]` / `routing["token_index"]`, and the
+gradients of `sum(y**2) + aux_loss` w.r.t. every weight (primary and
+secondary gate and noise kernels, every expert kernel).
+
+Reference data: the committed tests/fixtures/parity_hierarchical.npz
+(always; regenerate with tools/make_hierarchical_fixtures.py) and the
+original run now when it is found (same lookup as tests/oracle.py), on the
+`LIVE_CASES` subset by default -- the original's graphs are slow to build --
+and on every case with KERAS_MOE_PARITY_LIVE=all.
+
+Tolerances as in tests/test_parity.py: forward rtol 1e-5, gradients rtol
+1e-4, atol 1e-5 * max|reference| and for gradients at least 2e-6 * the
+largest gradient of the case. In inference the original's gradients w.r.t.
+the noise kernels are NaN (0 * inf in erf's gradient); ours must be finite
+and exactly zero there (the documented deviation).
+"""
+
+import hashlib
+import importlib.util
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+from keras.src import testing
+
+import keras_moe
+
+
+def _load_oracle_harness():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        "oracle.py")
+    spec = importlib.util.spec_from_file_location("_keras_moe_parity_oracle",
+                                                  path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+oracle = _load_oracle_harness()
+
+FORWARD_RTOL = 1e-5
+GRAD_RTOL = 1e-4
+ATOL_FRACTION = 1e-5  # of max|reference|
+GRAD_FLOOR_FRACTION = 2e-6  # of the largest gradient of the case and mode
+
+# Cases run against the live original by default (each of its graphs takes
+# seconds to build): several datashards, k = 1 and k = n at each level, an
+# empty group, clean gating, hidden layers with shadow_xs, and the flat
+# distributed MoE. KERAS_MOE_PARITY_LIVE=all runs every case.
+LIVE_CASES = (
+    "h_noisy_k1_gk_eq_n",
+    "h_clean_k_eq_n_gk1",
+    "h_empty_group",
+    "h_gating_inputs",
+    "flat_3shards",
+)
+
+
+def _live_case_names():
+    if os.environ.get("KERAS_MOE_PARITY_LIVE", "").lower() == "all":
+        return [c["name"] for c in oracle.HIER_CASES]
+    return list(LIVE_CASES)
+
+
+PARAMS = [
+    dict(testcase_name="%s_%s" % (c["name"], mode), case_name=c["name"],
+         mode=mode)
+    for c in oracle.HIER_CASES for mode, _ in oracle.MODES
+]
+CASE_PARAMS = [dict(testcase_name=c["name"], case_name=c["name"])
+               for c in oracle.HIER_CASES]
+LIVE_PARAMS = [dict(testcase_name=name, case_name=name)
+               for name in _live_case_names()]
+
+# --------------------------------------------------------------------------
+# Reference data: committed fixtures and the live oracle (both cached).
+# --------------------------------------------------------------------------
+
+_FIXTURES = {}
+
+
+def fixture(case_name):
+    """(case, data, {mode: results}) from parity_hierarchical.npz."""
+    if "npz" not in _FIXTURES:
+        npz = np.load(oracle.HIER_DEFAULT_FIXTURES)
+        _FIXTURES["npz"] = npz
+        _FIXTURES["meta"] = oracle.read_meta(npz)
+    got = oracle.unpack_hier(_FIXTURES["npz"], case_name, _FIXTURES["meta"])
+    if got is None:
+        raise AssertionError(
+            "case %r is missing from %s; regenerate it with "
+            "tools/make_hierarchical_fixtures.py --original PATH" %
+            (case_name, oracle.HIER_DEFAULT_FIXTURES))
+    return got
+
+
+_LIVE = {}
+
+
+def original_path():
+    return oracle.find_original()
+
+
+def live(case_name):
+    """(case, data, {mode: results}) from running the original now."""
+    if case_name not in _LIVE:
+        module = oracle.load_original(original_path())
+        case = oracle.HIER_CASES_BY_NAME[case_name]
+        data = oracle.make_hier_case_data(case)
+        _LIVE[case_name] = (case, data,
+                            oracle.run_hier_oracle(module, case, data))
+    return _LIVE[case_name]
+
+
+# --------------------------------------------------------------------------
+# keras_moe on the same data (cached by case and data digest).
+# --------------------------------------------------------------------------
+
+
+def _digest(data):
+    h = hashlib.sha1()
+    for key in sorted(data):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(data[key], np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _ours(case, data):
+    hier = oracle.is_hierarchical(case)
+    num_layers = len(oracle.layer_sizes(case)) - 1
+    common = dict(
+        k=case["k"],
+        output_dim=case["output_dim"],
+        hidden_sizes=case["hidden"],
+        autoscale=case["autoscale"],
+        noisy_gating=case["noisy"],
+        noise_epsilon=case["noise_epsilon"],
+        loss_coef=case["loss_coef"],
+    )
+    x = tf.constant(data["x"])
+    kwargs = {}
+    if case["gating_inputs"]:
+        kwargs["gating_inputs"] = tf.constant(data["gating_x"])
+    if hier:
+        layer = keras_moe.HierarchicalMixtureOfExperts(
+            num_groups=case["n1"], experts_per_group=case["n2"],
+            group_k=case["group_k"], **common)
+    else:
+        layer = keras_moe.MixtureOfExperts(num_experts=case["n1"], **common)
+    layer(x, training=False, **kwargs)  # build
+
+    # Each weight of hier_weight_names: a variable, or a list of variables
+    # stacked along the first axis (over groups).
+    if hier:
+        groups = layer.groups
+        weights = {"primary_gate_kernel": layer.primary_gating.gate_kernel,
+                   "secondary_gate_kernel": [g.gating.gate_kernel
+                                             for g in groups]}
+        if case["noisy"]:
+            weights["primary_noise_kernel"] = layer.primary_gating.noise_kernel
+            weights["secondary_noise_kernel"] = [g.gating.noise_kernel
+                                                 for g in groups]
+        for l in range(num_layers):
+            weights["kernel_%d" % l] = [g.experts.kernels[l] for g in groups]
+    else:
+        weights = {"primary_gate_kernel": layer.gating.gate_kernel}
+        if case["noisy"]:
+            weights["primary_noise_kernel"] = layer.gating.noise_kernel
+        for l in range(num_layers):
+            weights["kernel_%d" % l] = layer.experts.kernels[l]
+    names = oracle.hier_weight_names(case)
+    flat_vars, spans = [], {}
+    for name in names:
+        w = weights[name]
+        if isinstance(w, list):
+            for i, var in enumerate(w):
+                var.assign(data[name][i])
+            spans[name] = (len(flat_vars), len(flat_vars) + len(w), True)
+            flat_vars.extend(w)
+        else:
+            w.assign(data[name])
+            spans[name] = (len(flat_vars), len(flat_vars) + 1, False)
+            flat_vars.append(w)
+    if case["noisy"]:
+        primary = tf.constant(data["primary_noise"])
+        kwargs["noise"] = ((primary, tf.constant(data["secondary_noise"]))
+                           if hier else primary)
+
+    results = {}
+    for mode, training in oracle.MODES:
+        with tf.GradientTape() as tape:
+            y, routing = layer(x, training=training, return_routing=True,
+                               **kwargs)
+            loss = tf.reduce_sum(y**2) + routing["aux_loss"]
+        grads = [g if g is not None else tf.zeros_like(v)
+                 for g, v in zip(tape.gradient(loss, flat_vars), flat_vars)]
+        res = {
+            "gates": routing["gates"],
+            "importance": routing["importance"],
+            "load": routing["load"],
+            "y": y,
+            "aux_loss": routing["aux_loss"],
+            "expert_gates": routing["expert_gates"],
+            "token_index": routing["token_index"],
+            "expert_index": routing["expert_index"],
+        }
+        for name in names:
+            start, stop, stacked = spans[name]
+            res["grad/" + name] = (tf.stack(grads[start:stop]) if stacked
+                                   else grads[start])
+        results[mode] = {k: np.asarray(v) for k, v in res.items()}
+    return results
+
+
+_OURS = {}
+
+
+def ours(case, data):
+    key = (case["name"], _digest(data))
+    if key not in _OURS:
+        _OURS[key] = _ours(case, data)
+    return _OURS[key]
+
+
+# --------------------------------------------------------------------------
+# Comparison (the rules of tests/test_parity.py).
+# --------------------------------------------------------------------------
+
+
+def _max_abs(a):
+    a = np.asarray(a, np.float64)
+    a = a[np.isfinite(a)]
+    return float(np.max(np.abs(a))) if a.size else 0.0
+
+
+def assert_matches(actual, desired, rtol, atol_floor=0.0, nan_ok=False,
+                   what=""):
+    """allclose with atol = max(ATOL_FRACTION * max|desired|, atol_floor).
+
+    Where `desired` is NaN (allowed only with `nan_ok`, the documented
+    deviation), `actual` must be finite and exactly zero.
+    """
+    actual = np.asarray(actual, np.float64)
+    desired = np.asarray(desired, np.float64)
+    assert actual.shape == desired.shape, (
+        "%s: shape %s, reference %s" % (what, actual.shape, desired.shape))
+    nan = np.isnan(desired)
+    if nan.any():
+        assert nan_ok, "%s: the reference has NaN where none is expected" % (
+            what,)
+        bad = ~(np.isfinite(actual[nan]) & (actual[nan] == 0))
+        assert not bad.any(), (
+            "%s: where the original's gradient is NaN (the documented "
+            "deviation) ours must be exactly zero; got %s" %
+            (what, actual[nan][bad][:8]))
+    finite = ~nan
+    a, d = actual[finite], desired[finite]
+    atol = max(ATOL_FRACTION * _max_abs(d), atol_floor)
+    diff = np.abs(a - d)
+    rel = diff / np.maximum(np.abs(d), 1e-30)
+    np.testing.assert_allclose(
+        a, d, rtol=rtol, atol=atol,
+        err_msg="%s: max abs diff %.3g, max rel diff %.3g, atol %.3g" %
+        (what, diff.max(initial=0.0), rel.max(initial=0.0), atol))
+
+
+def _grad_floor(results, prefix):
+    g = [_max_abs(v) for k, v in results.items() if k.startswith(prefix)]
+    return GRAD_FLOOR_FRACTION * max(g + [0.0])
+
+
+def _is_noise_kernel(name):
+    return name.endswith("noise_kernel")
+
+
+def check(case, ref, mine, mode, source):
+    what = "%s [%s, %s]" % (case["name"], mode, source)
+    # Same experts selected for every token, exactly.
+    np.testing.assert_array_equal(
+        mine["gates"] != 0, ref["gates"] != 0,
+        err_msg="%s gates: different support (experts selected)" % what)
+    per_token = min(case["k"], case["n1"])
+    if oracle.is_hierarchical(case):
+        per_token *= min(case["group_k"], case["n2"])
+    np.testing.assert_array_equal(np.sum(mine["gates"] != 0, axis=1),
+                                  per_token, err_msg=what + " gates")
+    for name in ("gates", "importance", "load", "y", "aux_loss",
+                 "expert_gates"):
+        assert_matches(mine[name], ref[name], FORWARD_RTOL,
+                       what="%s %s" % (what, name))
+    # The original's expert_to_identifiers, concatenated over experts: the
+    # tokens each expert received, in order.
+    np.testing.assert_array_equal(
+        mine["token_index"], ref["token_index"].astype(np.int64),
+        err_msg=what + " token_index vs the original's "
+        "expert_to_identifiers")
+    np.testing.assert_array_equal(
+        mine["expert_index"],
+        np.repeat(np.arange(mine["gates"].shape[1]),
+                  np.sum(ref["gates"] != 0, axis=0)),
+        err_msg=what + " expert_index")
+    floor = _grad_floor(ref, "grad/")
+    for name in oracle.hier_weight_names(case):
+        key = "grad/" + name
+        assert_matches(mine[key], ref[key], GRAD_RTOL, atol_floor=floor,
+                       nan_ok=(mode == "infer" and _is_noise_kernel(name)),
+                       what="%s d(loss)/d(%s)" % (what, name))
+
+
+# --------------------------------------------------------------------------
+# Tests.
+# --------------------------------------------------------------------------
+
+
+class HierarchicalParityFixtureTest(testing.TestCase):
+    """keras_moe against the committed fixtures (always runs)."""
+
+    @parameterized.named_parameters(*PARAMS)
+    def test_moe(self, case_name, mode):
+        case, data, results = fixture(case_name)
+        check(case, results[mode], ours(case, data)[mode], mode, "fixture")
+
+    @parameterized.named_parameters(*CASE_PARAMS)
+    def test_fixture_is_current(self, case_name):
+        # The stored case and data are what tests/oracle.py defines now;
+        # otherwise regenerate with tools/make_hierarchical_fixtures.py.
+        case, data, _ = fixture(case_name)
+        self.assertEqual(case, oracle.HIER_CASES_BY_NAME[case_name])
+        expected = oracle.make_hier_case_data(case)
+        self.assertEqual(sorted(data), sorted(expected))
+        for key in expected:
+            np.testing.assert_array_equal(data[key], expected[key],
+                                          err_msg=key)
+
+    def test_fixture_cases_cover_the_edges(self):
+        # Several datashards, k = 1 and k = n at each level, noisy and
+        # clean, hidden layers, shadow_xs, an empty group.
+        cases = [fixture(c["name"])[0] for c in oracle.HIER_CASES]
+        hier = [c for c in cases if oracle.is_hierarchical(c)]
+        self.assertTrue(any(len(c["shards"]) == 1 for c in hier))
+        self.assertTrue(any(len(c["shards"]) >= 3 for c in hier))
+        for noisy in (True, False):
+            sub = [c for c in hier if c["noisy"] == noisy]
+            self.assertTrue(any(c["k"] == 1 for c in sub))
+            self.assertTrue(any(c["k"] == c["n1"] for c in sub))
+            self.assertTrue(any(c["group_k"] == 1 for c in sub))
+            self.assertTrue(any(c["group_k"] == c["n2"] for c in sub))
+            self.assertTrue(any(c["gating_inputs"] for c in sub))
+        self.assertTrue(any(c["hidden"] for c in hier))
+        self.assertTrue(any(c["empty_group"] for c in hier))
+        # The empty group really is empty.
+        case, _, results = fixture("h_empty_group")
+        for mode, _ in oracle.MODES:
+            gates = results[mode]["gates"]
+            self.assertEqual(np.count_nonzero(gates[:, -case["n2"]:]), 0)
+            self.assertGreater(np.count_nonzero(gates[:, :-case["n2"]]), 0)
+
+
+class HierarchicalParityLiveOracleTest(testing.TestCase):
+    """keras_moe against the original run now (skipped when absent)."""
+
+    def setUp(self):
+        super().setUp()
+        if original_path() is None:
+            self.skipTest(
+                "the original expert_utils_2017.py was not found: set "
+                "KERAS_MOE_ORIGINAL to its path or place it at "
+                "<repo>/../shared/reference/expert_utils_2017.py")
+
+    @parameterized.named_parameters(*LIVE_PARAMS)
+    def test_moe(self, case_name):
+        case, data, results = live(case_name)
+        for mode, _ in oracle.MODES:
+            check(case, results[mode], ours(case, data)[mode], mode,
+                  "live oracle")
+
+    @parameterized.named_parameters(*LIVE_PARAMS)
+    def test_fixture_matches_live_oracle(self, case_name):
+        # The committed fixtures are what the original computes here.
+        case, data, results = live(case_name)
+        _, _, fresults = fixture(case_name)
+        for mode, _ in oracle.MODES:
+            ref, stored = results[mode], fresults[mode]
+            self.assertEqual(sorted(ref), sorted(stored))
+            for key in ref:
+                grad = "grad" in key
+                what = "%s [%s] fixture vs live %s" % (case_name, mode, key)
+                nan = np.isnan(ref[key])
+                np.testing.assert_array_equal(
+                    np.isnan(stored[key]), nan,
+                    err_msg=what + ": NaN positions")
+                floor = _grad_floor(ref, "grad/") if grad else 0.0
+                assert_matches(stored[key][~nan], ref[key][~nan],
+                               GRAD_RTOL if grad else FORWARD_RTOL,
+                               atol_floor=floor, what=what)
