@@ -1,0 +1,148 @@
+"""The balancing loss: it is what the paper says, and it balances."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_moe
+
+D, NUM_EXPERTS, K = 8, 8, 2
+
+
+def _cv_squared(v):
+    """The original CVSquared, in float64."""
+    v = np.asarray(v, np.float64)
+    size = v.size + 1e-10
+    mean = v.sum() / size
+    return ((v - mean) ** 2).sum() / size / (mean**2 + 1e-10)
+
+
+def _skewed_inputs(rng, batch):
+    # A strong component shared by every token: with random gate weights the
+    # logits of all tokens rank the experts alike, so an unbalanced gate
+    # sends nearly everything to the same few experts.
+    return (1.0 + 0.5 * rng.normal(size=(batch, D))).astype("float32")
+
+
+def _train(loss_coef, steps=150, seed=0):
+    """Trains a lone MoE layer on a linear task that one expert can fit
+    alone (so nothing but the balancing loss asks for balance); returns
+    (CV^2 of the held-out load before, after, routing after)."""
+    keras.utils.set_random_seed(seed)
+    rng = np.random.RandomState(seed)
+    target = rng.normal(size=(D, D)).astype("float32")
+    layer = keras_moe.MixtureOfExperts(
+        NUM_EXPERTS,
+        k=K,
+        loss_coef=loss_coef,
+        gate_initializer=keras.initializers.RandomNormal(
+            stddev=1.0, seed=seed
+        ),
+        expert_initializer=keras.initializers.GlorotUniform(seed=seed),
+        seed=seed,
+    )
+    layer.build((None, D))
+    optimizer = keras.optimizers.Adam(1e-2)
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            outputs = layer(x, training=True)
+            loss = tf.reduce_mean(tf.square(outputs - y)) + tf.add_n(
+                layer.losses
+            )
+        variables = layer.trainable_variables
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables),
+                                      variables))
+        return loss
+
+    held_out = _skewed_inputs(np.random.RandomState(10_000 + seed), 1024)
+    _, routing = layer(held_out, training=False, return_routing=True)
+    before = _cv_squared(routing["load"])
+    for _ in range(steps):
+        x = _skewed_inputs(rng, 256)
+        loss = train_step(x, x @ target)
+    assert np.isfinite(float(loss))
+    _, routing = layer(held_out, training=False, return_routing=True)
+    return before, _cv_squared(routing["load"]), routing
+
+
+def test_balancing_loss_balances_the_load():
+    start, unbalanced, _ = _train(loss_coef=0.0)
+    start_again, balanced, routing = _train(loss_coef=1.0)
+    # Same seeds, same start: the only difference is the loss.
+    assert start == pytest.approx(start_again)
+    # The random gate starts clearly unbalanced ...
+    assert start > 1.0, start
+    # ... stays unbalanced without the balancing loss ...
+    assert unbalanced > 0.5 * start, (start, unbalanced)
+    # ... and is balanced with it.
+    assert balanced < 0.5 * unbalanced, (balanced, unbalanced)
+    assert balanced < 0.25, balanced
+    load = np.asarray(routing["load"])
+    assert np.all(load > 0), load  # every expert is used
+    # The inference load is the true count: k experts a token.
+    np.testing.assert_allclose(load.sum(), 1024 * K)
+
+
+@pytest.mark.parametrize("loss_coef", [0.0, 1e-2, 0.7])
+@pytest.mark.parametrize(
+    "training, noisy_gating",
+    [(False, True), (True, True), (True, False), (False, False)],
+    ids=["inference", "training", "training_not_noisy", "inference_not_noisy"],
+)
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_aux_loss_is_cv_squared_of_own_routing(
+    loss_coef, training, noisy_gating, masked
+):
+    layer = keras_moe.MixtureOfExperts(
+        NUM_EXPERTS, k=3, hidden_sizes=(4,), loss_coef=loss_coef,
+        noisy_gating=noisy_gating, gate_initializer="random_normal", seed=3,
+    )
+    rng = np.random.RandomState(0)
+    x = _skewed_inputs(rng, 24).reshape(4, 6, D)
+    mask = rng.uniform(size=(4, 6)) < 0.7 if masked else None
+
+    _, routing = layer(x, training=training, mask=mask, return_routing=True)
+
+    importance = np.asarray(routing["importance"])
+    load = np.asarray(routing["load"])
+    gates = np.asarray(routing["gates"]).reshape(-1, NUM_EXPERTS)
+    np.testing.assert_allclose(importance, gates.sum(0), rtol=1e-6)
+    expected = loss_coef * (_cv_squared(importance) + _cv_squared(load))
+    assert len(layer.losses) == 1
+    aux = layer.losses[0]
+    assert aux.dtype == "float32" and aux.shape == ()
+    np.testing.assert_allclose(float(aux), expected, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(float(routing["aux_loss"]), expected,
+                               rtol=1e-5, atol=1e-8)
+    # keras_moe.cv_squared is the same function.
+    np.testing.assert_allclose(
+        float(keras_moe.cv_squared(importance)), _cv_squared(importance),
+        rtol=1e-5, atol=1e-8,
+    )
+    if loss_coef > 0:
+        # The skewed inputs leave the experts unevenly loaded: a real loss.
+        assert expected > 1e-3 * loss_coef
+
+
+def test_aux_loss_is_part_of_the_compiled_loss():
+    inputs = keras.Input((D,))
+    moe = keras_moe.MixtureOfExperts(NUM_EXPERTS, k=K, loss_coef=0.5,
+                                     gate_initializer="random_normal",
+                                     name="moe")
+    model = keras.Model(inputs, moe(inputs))
+    model.compile(optimizer="sgd", loss="mse")
+    rng = np.random.RandomState(1)
+    x = _skewed_inputs(rng, 64)
+    y = rng.normal(size=(64, D)).astype("float32")
+
+    outputs, routing = moe(x, return_routing=True)  # inference: no noise
+    mse = np.mean((np.asarray(outputs) - y) ** 2)
+    aux = 0.5 * (_cv_squared(routing["importance"])
+                 + _cv_squared(routing["load"]))
+    assert aux > 1e-3
+
+    evaluated = model.evaluate(x, y, batch_size=64, verbose=0)
+    np.testing.assert_allclose(evaluated, mse + aux, rtol=1e-5)

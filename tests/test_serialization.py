@@ -1,0 +1,371 @@
+"""Serialization of the keras_moe layers: configs, `.keras` files, SavedModel
+export (in this process and a fresh one) and `TFSMLayer`."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_moe
+
+MOE_CONFIGS = {
+    "hidden": dict(num_experts=4, k=2, hidden_sizes=(8,)),
+    "output_dim": dict(num_experts=3, k=1, output_dim=4),
+    "not_noisy_two_hidden": dict(
+        num_experts=5,
+        k=3,
+        hidden_sizes=(7, 5),
+        hidden_activation="tanh",
+        noisy_gating=False,
+    ),
+    "custom": dict(
+        num_experts=4,
+        k=2,
+        output_dim=3,
+        hidden_sizes=(6,),
+        hidden_activation="gelu",
+        autoscale=False,
+        noise_epsilon=0.05,
+        loss_coef=0.1,
+        gate_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=1),
+        expert_initializer=keras.initializers.HeNormal(seed=2),
+        seed=7,
+    ),
+}
+
+GATING_CONFIGS = {
+    "default": dict(num_experts=4),
+    "not_noisy": dict(num_experts=6, k=3, noisy_gating=False),
+    "custom": dict(
+        num_experts=5,
+        k=1,
+        noise_epsilon=0.1,
+        kernel_initializer=keras.initializers.TruncatedNormal(seed=3),
+        seed=11,
+    ),
+}
+
+EXPERTS_CONFIGS = {
+    "linear": dict(num_experts=3, output_dim=4),
+    "same_dim": dict(num_experts=2, output_dim=None, hidden_sizes=(5, 3)),
+    "custom": dict(
+        num_experts=4,
+        output_dim=2,
+        hidden_sizes=(6,),
+        hidden_activation="sigmoid",
+        autoscale=False,
+        kernel_initializer=keras.initializers.Orthogonal(seed=4),
+    ),
+}
+
+
+def _params(configs):
+    return [pytest.param(config, id=name) for name, config in configs.items()]
+
+
+def _randomize_weights(model, seed=0):
+    """Random weights everywhere, so the routing is not all ties."""
+    rng = np.random.RandomState(seed)
+    for variable in model.weights:
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+
+
+def _moe_model(config, seed=0):
+    inputs = keras.Input((5, 6))
+    moe = keras_moe.MixtureOfExperts(**config, name="moe")
+    outputs = keras.layers.Dense(3, name="head")(moe(inputs))
+    model = keras.Model(inputs, outputs)
+    _randomize_weights(model, seed)
+    return model
+
+
+def _inputs(batch=7, seed=1):
+    return np.random.RandomState(seed).normal(size=(batch, 5, 6)).astype(
+        "float32"
+    )
+
+
+def _weights_by_path(model):
+    return {variable.path: variable.numpy() for variable in model.weights}
+
+
+def _assert_same_config(layer, clone):
+    config = layer.get_config()
+    assert clone.get_config() == config
+    # And it survives JSON (what a .keras file stores).
+    assert json.loads(json.dumps(config)) == json.loads(
+        json.dumps(clone.get_config())
+    )
+
+
+# --------------------------------------------------------------------------
+# get_config / from_config
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", _params(MOE_CONFIGS))
+def test_moe_config_round_trip(config):
+    layer = keras_moe.MixtureOfExperts(**config)
+    clone = keras_moe.MixtureOfExperts.from_config(layer.get_config())
+    _assert_same_config(layer, clone)
+    assert clone.num_experts == config["num_experts"]
+    assert clone.gating.k == config["k"]
+    assert clone.gating.noisy_gating == config.get("noisy_gating", True)
+    assert clone.experts.hidden_sizes == tuple(config.get("hidden_sizes", ()))
+    assert clone.experts.output_dim == config.get("output_dim")
+    assert clone.loss_coef == config.get("loss_coef", 1e-2)
+    assert clone.gating.seed == config.get("seed")
+    # Initializers come back as the same class with the same config.
+    for attr, key, default in [
+        ("gating", "gate_initializer", "zeros"),
+        ("experts", "expert_initializer", "glorot_uniform"),
+    ]:
+        want = keras.initializers.get(config.get(key, default))
+        got = getattr(clone, attr).kernel_initializer
+        assert type(got) is type(want)
+        assert got.get_config() == want.get_config()
+
+
+@pytest.mark.parametrize("config", _params(MOE_CONFIGS))
+def test_moe_serialize_deserialize_builds_same_layer(config):
+    layer = keras_moe.MixtureOfExperts(**config)
+    x = _inputs()
+    layer.build(x.shape)
+    _randomize_weights(layer)
+    serialized = keras.saving.serialize_keras_object(layer)
+    assert serialized["registered_name"] == "keras_moe>MixtureOfExperts"
+    clone = keras.saving.deserialize_keras_object(serialized, safe_mode=True)
+    assert isinstance(clone, keras_moe.MixtureOfExperts)
+    # A built layer's build config comes back with it: same weight shapes.
+    assert clone.built
+    assert [w.shape for w in clone.weights] == [w.shape for w in layer.weights]
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_array_equal(np.asarray(clone(x)), np.asarray(layer(x)))
+
+
+@pytest.mark.parametrize("config", _params(GATING_CONFIGS))
+def test_gating_config_round_trip(config):
+    layer = keras_moe.NoisyTopKGating(**config)
+    clone = keras_moe.NoisyTopKGating.from_config(layer.get_config())
+    _assert_same_config(layer, clone)
+    assert (clone.num_experts, clone.k, clone.noisy_gating, clone.seed) == (
+        layer.num_experts, layer.k, layer.noisy_gating, layer.seed
+    )
+    x = _inputs().reshape(-1, 6)
+    layer.build(x.shape)
+    _randomize_weights(layer)
+    serialized = keras.saving.serialize_keras_object(layer)
+    assert serialized["registered_name"] == "keras_moe>NoisyTopKGating"
+    clone = keras.saving.deserialize_keras_object(serialized, safe_mode=True)
+    assert clone.built
+    assert len(clone.weights) == len(layer.weights) == (
+        2 if config.get("noisy_gating", True) else 1
+    )
+    clone.set_weights(layer.get_weights())
+    for got, want in zip(clone(x), layer(x)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("config", _params(EXPERTS_CONFIGS))
+def test_experts_config_round_trip(config):
+    layer = keras_moe.FeedForwardExperts(**config)
+    clone = keras_moe.FeedForwardExperts.from_config(layer.get_config())
+    _assert_same_config(layer, clone)
+    assert clone.hidden_sizes == layer.hidden_sizes
+    assert clone.output_dim == layer.output_dim
+    serialized = keras.saving.serialize_keras_object(layer)
+    assert serialized["registered_name"] == "keras_moe>FeedForwardExperts"
+    clone = keras.saving.deserialize_keras_object(serialized, safe_mode=True)
+    x = _inputs().reshape(-1, 6)[:10]
+    part_sizes = tf.constant(
+        [10 - (config["num_experts"] - 1)] + [1] * (config["num_experts"] - 1)
+    )
+    want = layer(x, part_sizes)
+    clone.build(x.shape)
+    assert [w.shape for w in clone.weights] == [w.shape for w in layer.weights]
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_array_equal(np.asarray(clone(x, part_sizes)),
+                                  np.asarray(want))
+
+
+@pytest.mark.parametrize(
+    "cls, config",
+    [
+        pytest.param(keras_moe.MixtureOfExperts, MOE_CONFIGS["hidden"],
+                     id="moe"),
+        pytest.param(keras_moe.NoisyTopKGating, GATING_CONFIGS["default"],
+                     id="gating"),
+        pytest.param(keras_moe.FeedForwardExperts, EXPERTS_CONFIGS["linear"],
+                     id="experts"),
+    ],
+)
+def test_unknown_config_key_raises(cls, config):
+    good = cls(**config).get_config()
+    with pytest.raises((ValueError, TypeError), match="bogus"):
+        cls.from_config({**good, "bogus": 1})
+
+
+# --------------------------------------------------------------------------
+# .keras files
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", _params(MOE_CONFIGS))
+def test_keras_file_round_trip(config, tmp_path):
+    model = _moe_model(config)
+    x = _inputs()
+    expected = model.predict(x, verbose=0)
+    # Inference has no noise: predictions are deterministic.
+    np.testing.assert_array_equal(model.predict(x, verbose=0), expected)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+
+    loaded = keras.models.load_model(path, safe_mode=True)
+
+    moe = loaded.get_layer("moe")
+    assert isinstance(moe, keras_moe.MixtureOfExperts)
+    assert moe.get_config() == model.get_layer("moe").get_config()
+    want_weights = _weights_by_path(model)
+    got_weights = _weights_by_path(loaded)
+    assert sorted(got_weights) == sorted(want_weights)
+    for path_, value in want_weights.items():
+        np.testing.assert_array_equal(got_weights[path_], value,
+                                      err_msg=path_)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), expected)
+    # The loaded layer still adds its balancing loss.
+    loaded(x)
+    assert len(moe.losses) == 1
+
+
+def test_keras_file_round_trip_with_mask(tmp_path):
+    inputs = keras.Input((None,), dtype="int32")
+    embedded = keras.layers.Embedding(20, 6, mask_zero=True, name="embed")(
+        inputs
+    )
+    hidden = keras_moe.MixtureOfExperts(4, k=2, hidden_sizes=(8,),
+                                        name="moe")(embedded)
+    outputs = keras.layers.Dense(2, name="head")(hidden)
+    model = keras.Model(inputs, outputs)
+    _randomize_weights(model)
+    tokens = np.array(
+        [[3, 5, 7, 0, 0], [1, 2, 3, 4, 5], [9, 0, 0, 0, 0]], "int32"
+    )
+    expected = model.predict(tokens, verbose=0)
+    padded = tokens == 0
+    # Masked positions are routed nowhere: the MoE outputs zero there, so
+    # the head outputs its bias alone.
+    bias = model.get_layer("head").bias.numpy()
+    np.testing.assert_allclose(
+        expected[padded], np.broadcast_to(bias, expected[padded].shape),
+        rtol=0, atol=1e-6,
+    )
+    assert not np.allclose(expected[~padded], bias, atol=1e-3)
+    path = str(tmp_path / "masked.keras")
+    model.save(path)
+
+    loaded = keras.models.load_model(path, safe_mode=True)
+
+    got = loaded.predict(tokens, verbose=0)
+    np.testing.assert_array_equal(got, expected)
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # Padding really is masked in the loaded model: changing a padded
+    # position's embedding does not change anything.
+    embed = loaded.get_layer("embed")
+    table = embed.embeddings.numpy().copy()
+    table[0] += 100.0
+    embed.embeddings.assign(table)
+    np.testing.assert_allclose(loaded.predict(tokens, verbose=0), expected,
+                               rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# SavedModel export
+# --------------------------------------------------------------------------
+
+EXPORT_CONFIGS = [
+    pytest.param(MOE_CONFIGS["not_noisy_two_hidden"], id="not_noisy"),
+    pytest.param(MOE_CONFIGS["custom"], id="custom"),
+]
+
+
+@pytest.mark.parametrize("config", EXPORT_CONFIGS)
+def test_export_serve_matches_predict(config, tmp_path):
+    model = _moe_model(config)
+    x = _inputs(batch=7)
+    other_batch = _inputs(batch=3, seed=2)
+    expected = model.predict(x, verbose=0)
+    export_dir = str(tmp_path / "exported")
+    model.export(export_dir, verbose=False)
+
+    served = tf.saved_model.load(export_dir)
+    np.testing.assert_allclose(served.serve(x).numpy(), expected,
+                               rtol=1e-6, atol=1e-6)
+    # Any batch size, and deterministically (no noise in serving).
+    np.testing.assert_allclose(
+        served.serve(other_batch).numpy(),
+        model.predict(other_batch, verbose=0), rtol=1e-6, atol=1e-6,
+    )
+    np.testing.assert_array_equal(served.serve(x).numpy(),
+                                  served.serve(x).numpy())
+
+    # Through keras.layers.TFSMLayer, alone and inside a new model.
+    reloaded = keras.layers.TFSMLayer(export_dir, call_endpoint="serve")
+    np.testing.assert_allclose(np.asarray(reloaded(x)), expected,
+                               rtol=1e-6, atol=1e-6)
+    inputs = keras.Input((5, 6))
+    wrapper = keras.Model(inputs, reloaded(inputs))
+    np.testing.assert_allclose(wrapper.predict(x, verbose=0), expected,
+                               rtol=1e-6, atol=1e-6)
+
+
+_FRESH_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import tensorflow as tf
+
+    # Nothing of keras_moe is imported: each SavedModel stands alone.
+    for export_dir, input_path, output_path in zip(*[iter(sys.argv[1:])] * 3):
+        served = tf.saved_model.load(export_dir)
+        x = np.load(input_path)
+        np.save(output_path, served.serve(tf.constant(x)).numpy())
+    assert "keras_moe" not in sys.modules, "keras_moe was imported"
+    """
+)
+
+
+def test_export_serves_in_fresh_process(tmp_path):
+    """SavedModels of several configs, served by a process that has never
+    imported keras_moe (one subprocess for all: TensorFlow's import is the
+    slow part)."""
+    args, expected = [], {}
+    for param in EXPORT_CONFIGS:
+        (config,) = param.values
+        name = param.id
+        model = _moe_model(config)
+        x = _inputs(batch=4, seed=3)
+        expected[name] = model.predict(x, verbose=0)
+        export_dir = tmp_path / f"{name}_exported"
+        model.export(str(export_dir), verbose=False)
+        np.save(tmp_path / f"{name}_x.npy", x)
+        args += [str(export_dir), str(tmp_path / f"{name}_x.npy"),
+                 str(tmp_path / f"{name}_y.npy")]
+    script_path = tmp_path / "serve.py"
+    script_path.write_text(_FRESH_PROCESS_SCRIPT)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, str(script_path), *args],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name, want in expected.items():
+        got = np.load(tmp_path / f"{name}_y.npy")
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6,
+                                   err_msg=name)
