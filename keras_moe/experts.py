@@ -4,7 +4,7 @@
 import keras
 import tensorflow as tf
 
-from keras_moe import validation
+from keras_moe import initialization, validation
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -88,8 +88,11 @@ class FeedForwardExperts(keras.layers.Layer):
             self.add_weight(
                 name=f"kernel_{layer}",
                 shape=(self.num_experts, fan_in, fan_out),
-                initializer=_expertwise(
-                    self.kernel_initializer, self.num_experts
+                # Every expert and every layer draws its own values.
+                initializer=initialization.stacked(
+                    self.kernel_initializer,
+                    self.num_experts,
+                    offset=layer * self.num_experts,
                 ),
             )
             for layer, (fan_in, fan_out) in enumerate(
@@ -158,29 +161,3 @@ class FeedForwardExperts(keras.layers.Layer):
             ),
         }
         return {**base_config, **config}
-
-
-def _expertwise(initializer, num_experts):
-    """Initializes a `[num_experts, *shape]` kernel one expert at a time.
-
-    Variance-scaling initializers would otherwise count the expert axis in
-    fan-in and fan-out, and a seeded initializer called twice repeats its
-    draw: each expert gets a clone with its own seed.
-    """
-
-    def initialize(shape, dtype=None):
-        expert_shape = tuple(shape[1:])
-        seed = getattr(initializer, "seed", None)
-        if isinstance(seed, int) and hasattr(initializer, "get_config"):
-            config = initializer.get_config()
-            experts = [
-                type(initializer).from_config({**config, "seed": seed + i})
-                for i in range(num_experts)
-            ]
-        else:
-            experts = [initializer] * num_experts
-        return tf.stack(
-            [expert(expert_shape, dtype=dtype) for expert in experts]
-        )
-
-    return initialize

@@ -6,7 +6,7 @@ import math
 import keras
 import tensorflow as tf
 
-from keras_moe import balance, validation
+from keras_moe import balance, initialization, validation
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -108,7 +108,8 @@ class NoisyTopKGating(keras.layers.Layer):
             self.noise_kernel = self.add_weight(
                 name="noise_kernel",
                 shape=(input_dim, self.num_experts),
-                initializer=self.kernel_initializer,
+                # Not the gate kernel's draw again.
+                initializer=initialization.reseeded(self.kernel_initializer, 1),
                 autocast=False,
             )
         else:

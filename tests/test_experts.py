@@ -98,3 +98,15 @@ def test_compute_output_shape():
     assert keras_moe.FeedForwardExperts(3, None).compute_output_shape(
         (10, 5)
     ) == (10, 5)
+
+
+def test_layers_of_equal_shape_draw_different_values():
+    experts = keras_moe.FeedForwardExperts(
+        2, 8, hidden_sizes=(8,),
+        kernel_initializer=keras.initializers.RandomNormal(seed=3),
+    )
+    experts.build((None, 8))
+    first, second = (k.numpy() for k in experts.kernels)
+    assert first.shape == second.shape
+    assert not np.allclose(first, second)
+    assert not np.allclose(first[1], second[0])

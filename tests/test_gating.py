@@ -179,3 +179,18 @@ def test_symbolic_call_shapes():
     gates, load = keras_moe.NoisyTopKGating(4, k=2)(inputs)
     assert gates.shape == (None, 4) and load.shape == (4,)
     assert gates.dtype == "float32"
+
+
+def test_seeded_initializer_gives_gate_and_noise_kernels_their_own_values():
+    gating = keras_moe.NoisyTopKGating(
+        4, kernel_initializer=keras.initializers.RandomNormal(seed=1)
+    )
+    gating.build((None, 3))
+    assert not np.allclose(gating.gate_kernel.numpy(),
+                           gating.noise_kernel.numpy())
+    again = keras_moe.NoisyTopKGating(
+        4, kernel_initializer=keras.initializers.RandomNormal(seed=1)
+    )
+    again.build((None, 3))
+    np.testing.assert_array_equal(gating.noise_kernel.numpy(),
+                                  again.noise_kernel.numpy())
