@@ -34,7 +34,13 @@ class _SparseMixtureBase(keras.layers.Layer):
     `output_dim`) and `_noise_shapes`.
     """
 
-    def __init__(self, loss_coef=1e-2, cross_replica_balance=True, **kwargs):
+    def __init__(
+        self,
+        loss_coef=1e-2,
+        cross_replica_balance=True,
+        routing_metrics=True,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.loss_coef = validation.check_non_negative_float(
             "loss_coef", loss_coef
@@ -42,6 +48,18 @@ class _SparseMixtureBase(keras.layers.Layer):
         self.cross_replica_balance = validation.check_bool(
             "cross_replica_balance", cross_replica_balance
         )
+        self.routing_metrics = validation.check_bool(
+            "routing_metrics", routing_metrics
+        )
+        # Owned metrics reach `fit`/`evaluate` logs and TensorBoard through
+        # `Model.metrics`, named after the layer.
+        self._routing_trackers = {
+            key: keras.metrics.Mean(name=f"{self.name}_{key}")
+            for key in (
+                ("aux_loss", "importance_cv2", "load_cv2", "max_overload")
+                if self.routing_metrics else ()
+            )
+        }
         self.supports_masking = True
         self.supports_jit = False
         # Inputs are cast here, the experts' to the compute dtype and the
@@ -141,10 +159,19 @@ class _SparseMixtureBase(keras.layers.Layer):
         importance, load = self._balance(
             self._global_statistics(routed.statistics)
         )
-        aux_loss = self.loss_coef * (
-            balance.cv_squared(importance) + balance.cv_squared(load)
-        )
+        importance_cv2 = balance.cv_squared(importance)
+        load_cv2 = balance.cv_squared(load)
+        aux_loss = self.loss_coef * (importance_cv2 + load_cv2)
         self.add_loss(aux_loss)
+        if self.routing_metrics:
+            values = {
+                "aux_loss": aux_loss,
+                "importance_cv2": importance_cv2,
+                "load_cv2": load_cv2,
+                "max_overload": balance.max_overload(load),
+            }
+            for key, tracker in self._routing_trackers.items():
+                tracker.update_state(tf.stop_gradient(values[key]))
 
         num_tokens = tf.reduce_prod(leading_shape)
         outputs = routed.outputs
@@ -281,6 +308,12 @@ class MixtureOfExperts(_SparseMixtureBase):
             batch as the original did over its datashards; False balances
             each replica's share alone (no cross-replica communication,
             a noisier loss).
+        routing_metrics: bool. Track the balancing loss, the CV^2 of
+            importance and of load, and `max_overload(load)` as Keras
+            metrics named `{layer name}_aux_loss`, `_importance_cv2`,
+            `_load_cv2` and `_max_overload`, which `fit` and `evaluate`
+            report (progress bar, history, TensorBoard). Global under
+            `tf.distribute` when `cross_replica_balance` is on.
         **kwargs: base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -338,10 +371,13 @@ class MixtureOfExperts(_SparseMixtureBase):
         expert_initializer="glorot_uniform",
         seed=None,
         cross_replica_balance=True,
+        routing_metrics=True,
         **kwargs,
     ):
         super().__init__(
-            loss_coef=loss_coef, cross_replica_balance=cross_replica_balance,
+            loss_coef=loss_coef,
+            cross_replica_balance=cross_replica_balance,
+            routing_metrics=routing_metrics,
             **kwargs,
         )
         self.gating = NoisyTopKGating(
@@ -439,6 +475,7 @@ class MixtureOfExperts(_SparseMixtureBase):
             "noise_epsilon": gating.noise_epsilon,
             "loss_coef": self.loss_coef,
             "cross_replica_balance": self.cross_replica_balance,
+            "routing_metrics": self.routing_metrics,
             "gate_initializer": keras.initializers.serialize(
                 gating.kernel_initializer
             ),
@@ -478,7 +515,7 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             group it reaches.
         output_dim, hidden_sizes, hidden_activation, autoscale,
         noisy_gating, noise_epsilon, loss_coef, gate_initializer,
-        expert_initializer, cross_replica_balance: as in
+        expert_initializer, cross_replica_balance, routing_metrics: as in
             `MixtureOfExperts`, for every group.
         seed: optional int; the primary gating uses `seed` and group `i`
             uses `seed + 1 + i`.
@@ -535,10 +572,13 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
         expert_initializer="glorot_uniform",
         seed=None,
         cross_replica_balance=True,
+        routing_metrics=True,
         **kwargs,
     ):
         super().__init__(
-            loss_coef=loss_coef, cross_replica_balance=cross_replica_balance,
+            loss_coef=loss_coef,
+            cross_replica_balance=cross_replica_balance,
+            routing_metrics=routing_metrics,
             **kwargs,
         )
         num_groups = validation.check_int("num_groups", num_groups, 1)
@@ -570,6 +610,7 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
                 noisy_gating=noisy_gating,
                 noise_epsilon=noise_epsilon,
                 loss_coef=0.0,  # the layer's one loss covers the groups
+                routing_metrics=False,
                 gate_initializer=gate_initializer,
                 expert_initializer=expert_initializer,
                 seed=None if seed is None else seed + 1 + i,
@@ -727,6 +768,7 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             "noise_epsilon": primary.noise_epsilon,
             "loss_coef": self.loss_coef,
             "cross_replica_balance": self.cross_replica_balance,
+            "routing_metrics": self.routing_metrics,
             "gate_initializer": keras.initializers.serialize(
                 primary.kernel_initializer
             ),

@@ -1,0 +1,90 @@
+"""Routing metrics in fit and evaluate logs, checked against the layer's
+own routing on the same batch, on one device and under MirroredStrategy."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_moe
+
+KEYS = ("aux_loss", "importance_cv2", "load_cv2", "max_overload")
+
+
+def _model(layer_cls=keras_moe.MixtureOfExperts, **kwargs):
+    inputs = keras.Input((6,))
+    if layer_cls is keras_moe.MixtureOfExperts:
+        layer = layer_cls(5, k=2, name="moe", noisy_gating=False,
+                          gate_initializer=keras.initializers.RandomNormal(
+                              seed=2), loss_coef=0.1, **kwargs)
+    else:
+        layer = layer_cls(3, 2, k=1, group_k=1, name="moe",
+                          noisy_gating=False,
+                          gate_initializer=keras.initializers.RandomNormal(
+                              seed=2), loss_coef=0.1, **kwargs)
+    model = keras.Model(inputs, keras.layers.Dense(1)(layer(inputs)))
+    # A zero learning rate keeps the weights, so the layer's routing after
+    # fit is the routing the metrics saw.
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    return model, layer
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    return (rng.normal(size=(16, 6)).astype("float32"),
+            rng.normal(size=(16, 1)).astype("float32"))
+
+
+def _expected(layer, x):
+    _, routing = layer(x, training=True, return_routing=True)
+    return {
+        "aux_loss": float(routing["aux_loss"]),
+        "importance_cv2": float(keras_moe.cv_squared(routing["importance"])),
+        "load_cv2": float(keras_moe.cv_squared(routing["load"])),
+        "max_overload": float(keras_moe.max_overload(routing["load"])),
+    }
+
+
+@pytest.mark.parametrize(
+    "layer_cls",
+    [keras_moe.MixtureOfExperts, keras_moe.HierarchicalMixtureOfExperts],
+)
+def test_fit_and_evaluate_report_the_layers_routing(layer_cls):
+    model, layer = _model(layer_cls)
+    x, y = _data()
+    history = model.fit(x, y, batch_size=16, epochs=1, shuffle=False,
+                        verbose=0)
+    expected = _expected(layer, x)
+    assert expected["load_cv2"] > 0 and expected["max_overload"] > 1
+    for key in KEYS:
+        np.testing.assert_allclose(history.history[f"moe_{key}"][0],
+                                   expected[key], rtol=1e-5)
+    results = model.evaluate(x, y, batch_size=16, verbose=0,
+                             return_dict=True)
+    for key in KEYS:
+        np.testing.assert_allclose(results[f"moe_{key}"], expected[key],
+                                   rtol=1e-5)
+
+
+def test_metrics_are_global_under_mirrored_strategy():
+    x, y = _data()
+    reference_model, reference_layer = _model()
+    expected = _expected(reference_layer, x)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model, _ = _model()
+    model.set_weights(reference_model.get_weights())
+    history = model.fit(x, y, batch_size=16, epochs=1, shuffle=False,
+                        verbose=0)
+    for key in KEYS:
+        np.testing.assert_allclose(history.history[f"moe_{key}"][0],
+                                   expected[key], rtol=1e-5)
+
+
+def test_metrics_can_be_turned_off():
+    model, layer = _model(routing_metrics=False)
+    x, y = _data()
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert not [key for key in history.history if key.startswith("moe_")]
+    assert layer.metrics == []
+    assert layer.get_config()["routing_metrics"] is False
