@@ -71,6 +71,34 @@ class _SparseMixtureBase(keras.layers.Layer):
         """Trailing shapes of the noise draws, one per gating level."""
         raise NotImplementedError
 
+    def _build_sublayers(self, input_dim, gating_dim):
+        raise NotImplementedError
+
+    def build(self, inputs_shape, gating_inputs_shape=None):
+        validation.check_input_shape("inputs", inputs_shape, 2)
+        input_dim = inputs_shape[-1]
+        if gating_inputs_shape is None:
+            gating_dim = input_dim
+        else:
+            validation.check_input_shape("gating_inputs", gating_inputs_shape, 2)
+            gating_dim = gating_inputs_shape[-1]
+        self._build_sublayers(input_dim, gating_dim)
+        if self.routing_metrics:
+            # The last training batch's per-expert statistics, for
+            # callbacks (`keras_moe.callbacks`); global under tf.distribute,
+            # so the first replica's copy is the one to keep.
+            self.last_importance, self.last_load = (
+                self.add_weight(
+                    name=name,
+                    shape=self._statistics_shape(),
+                    initializer="zeros",
+                    trainable=False,
+                    autocast=False,
+                    aggregation="only_first_replica",
+                )
+                for name in ("last_importance", "last_load")
+            )
+
     def _route(self, x, gate_x, training, multiplier, noise):
         """Routes flat tokens `x [tokens, d]`; returns a `Routed`."""
         raise NotImplementedError
@@ -172,6 +200,9 @@ class _SparseMixtureBase(keras.layers.Layer):
             }
             for key, tracker in self._routing_trackers.items():
                 tracker.update_state(tf.stop_gradient(values[key]))
+            if training:
+                self.last_importance.assign(tf.stop_gradient(importance))
+                self.last_load.assign(tf.stop_gradient(load))
 
         num_tokens = tf.reduce_prod(leading_shape)
         outputs = routed.outputs
@@ -426,14 +457,7 @@ class MixtureOfExperts(_SparseMixtureBase):
     def _noise_shapes(self):
         return [(self.num_experts,)]
 
-    def build(self, inputs_shape, gating_inputs_shape=None):
-        validation.check_input_shape("inputs", inputs_shape, 2)
-        input_dim = inputs_shape[-1]
-        if gating_inputs_shape is None:
-            gating_dim = input_dim
-        else:
-            validation.check_input_shape("gating_inputs", gating_inputs_shape, 2)
-            gating_dim = gating_inputs_shape[-1]
+    def _build_sublayers(self, input_dim, gating_dim):
         self.gating.build((None, gating_dim))
         self.experts.build((None, input_dim))
 
@@ -653,14 +677,7 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
     def _noise_shapes(self):
         return [(self.num_groups,), (self.num_groups, self.experts_per_group)]
 
-    def build(self, inputs_shape, gating_inputs_shape=None):
-        validation.check_input_shape("inputs", inputs_shape, 2)
-        input_dim = inputs_shape[-1]
-        if gating_inputs_shape is None:
-            gating_dim = input_dim
-        else:
-            validation.check_input_shape("gating_inputs", gating_inputs_shape, 2)
-            gating_dim = gating_inputs_shape[-1]
+    def _build_sublayers(self, input_dim, gating_dim):
         self.primary_gating.build((None, gating_dim))
         for group in self.groups:
             group.build((None, input_dim))

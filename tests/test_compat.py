@@ -279,7 +279,7 @@ def test_one_group_of_a_hierarchical_checkpoint_as_a_flat_moe():
     hier = make_layer(case)
     load_tf1_checkpoint(hier, committed_prefix("hierarchical"), "moe")
     group = hier.groups[1]
-    for a, b in zip(layer.weights, group.weights):
+    for a, b in zip(layer.trainable_weights, group.trainable_weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 

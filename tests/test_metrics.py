@@ -88,3 +88,18 @@ def test_metrics_can_be_turned_off():
     assert not [key for key in history.history if key.startswith("moe_")]
     assert layer.metrics == []
     assert layer.get_config()["routing_metrics"] is False
+
+
+def test_last_training_batch_statistics_are_kept_for_callbacks():
+    model, layer = _model()
+    x, y = _data()
+    np.testing.assert_array_equal(layer.last_load.numpy(), np.zeros(5))
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    _, routing = layer(x, training=True, return_routing=True)
+    np.testing.assert_allclose(layer.last_load, routing["load"], rtol=1e-6)
+    np.testing.assert_allclose(layer.last_importance, routing["importance"],
+                               rtol=1e-6)
+    before = layer.last_load.numpy().copy()
+    layer(x[:3], training=False)
+    np.testing.assert_array_equal(layer.last_load.numpy(), before)
+    assert not layer.last_load.trainable
