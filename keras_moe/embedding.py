@@ -4,7 +4,7 @@
 import keras
 import tensorflow as tf
 
-from keras_moe import validation
+from keras_moe import initialization, validation
 
 
 def shard_rows(input_dim, num_shards, shard):
@@ -101,9 +101,9 @@ class ShardedEmbedding(keras.layers.Layer):
       places every variable, and `shard_devices` is ignored.
 
     Each shard is initialized on its own by `embeddings_initializer` with the
-    shard's shape (a seeded initializer gives shards of equal shape equal
-    values; pass an unseeded one, or set the weights, if that matters). The
-    regularizer and the constraint also apply shard by shard.
+    shard's shape (a seeded initializer draws shard `s` with `seed + s`, so
+    shards of equal shape differ). The regularizer and the constraint also
+    apply shard by shard.
 
     Args:
         input_dim: int >= 1, the vocabulary size (ids lie in
@@ -206,7 +206,11 @@ class ShardedEmbedding(keras.layers.Layer):
                             shard_rows(self.input_dim, self.num_shards, s),
                             self.output_dim,
                         ),
-                        initializer=self.embeddings_initializer,
+                        # Each shard its own draw from a seeded
+                        # initializer, not the same values again.
+                        initializer=initialization.reseeded(
+                            self.embeddings_initializer, s
+                        ),
                         regularizer=self.embeddings_regularizer,
                         constraint=self.embeddings_constraint,
                         autocast=False,
@@ -229,7 +233,9 @@ class ShardedEmbedding(keras.layers.Layer):
         out = tf.gather(rows, unique_index)
         out = tf.reshape(
             out,
-            tf.concat([ids_shape, tf.constant([self.output_dim], ids.dtype)], 0),
+            tf.concat(
+                [ids_shape, tf.constant([self.output_dim], ids.dtype)], 0
+            ),
         )
         return tf.ensure_shape(out, ids.shape.concatenate([self.output_dim]))
 

@@ -48,6 +48,9 @@ class NoisyTopKGating(keras.layers.Layer):
         noise: optional float tensor `[tokens, num_experts]`, the
             standard-normal draw to use instead of a fresh one (to replay a
             step or to compare with another implementation).
+        mask: optional bool tensor `[tokens]`. Masked rows get zero gates,
+            count in neither load nor importance, and are never read (they
+            may hold NaN).
 
     Input shape:
         `(tokens, d)`.
@@ -119,10 +122,19 @@ class NoisyTopKGating(keras.layers.Layer):
     def input_dim(self):
         return self.gate_kernel.shape[0] if self.built else None
 
-    def call(self, inputs, training=None, noise=None):
+    def call(self, inputs, training=None, noise=None, mask=None):
         x = validation.check_float_tensor("inputs", inputs)
         validation.check_input_shape("inputs", x.shape, 2, 2, self.input_dim)
-        x = validation.check_finite("inputs", tf.cast(x, tf.float32))
+        x = tf.cast(x, tf.float32)
+        if mask is not None:
+            mask = validation.check_leading_shape(
+                "mask", tf.cast(tf.convert_to_tensor(mask), tf.bool), x,
+                "inputs",
+            )
+            # Masked rows are never read: zeros keep NaN padding out of the
+            # logits and out of the kernels' gradients.
+            x = tf.where(tf.expand_dims(mask, 1), x, 0.0)
+        x = validation.check_finite("inputs", x)
         clean_logits = tf.matmul(x, tf.cast(self.gate_kernel, tf.float32))
         noisy = self.noisy_gating and bool(training)
         if noisy:
@@ -157,13 +169,15 @@ class NoisyTopKGating(keras.layers.Layer):
         gates = scatter_rows(
             top_k_gates, top_indices[:, : self.k], self.num_experts
         )
+        if mask is not None:
+            gates = tf.where(tf.expand_dims(mask, 1), gates, 0.0)
         if self.noisy_gating and self.k < self.num_experts:
-            load = tf.reduce_sum(
-                prob_in_top_k(
-                    clean_logits, logits, noise_stddev, top_logits, self.k
-                ),
-                0,
+            prob = prob_in_top_k(
+                clean_logits, logits, noise_stddev, top_logits, self.k
             )
+            if mask is not None:
+                prob = tf.where(tf.expand_dims(mask, 1), prob, 0.0)
+            load = tf.reduce_sum(prob, 0)
         else:
             load = balance.gates_to_load(gates)
         return gates, load
@@ -187,7 +201,7 @@ class NoisyTopKGating(keras.layers.Layer):
             (self.num_experts,),
         )
 
-    def compute_output_spec(self, inputs, training=None, noise=None):
+    def compute_output_spec(self, inputs, training=None, noise=None, mask=None):
         gates_shape, load_shape = self.compute_output_shape(inputs.shape)
         return (
             keras.KerasTensor(gates_shape, dtype="float32"),

@@ -99,8 +99,12 @@ class _SparseMixtureBase(keras.layers.Layer):
                 for name in ("last_importance", "last_load")
             )
 
-    def _route(self, x, gate_x, training, multiplier, noise):
-        """Routes flat tokens `x [tokens, d]`; returns a `Routed`."""
+    def _route(self, x, gate_x, training, multiplier, noise, mask):
+        """Routes flat tokens `x [tokens, d]`; returns a `Routed`.
+
+        Tokens where the bool `mask [tokens]` (or None) is False must get
+        zero gates, reach no expert and count in no statistic.
+        """
         raise NotImplementedError
 
     def _balance(self, statistics):
@@ -163,27 +167,23 @@ class _SparseMixtureBase(keras.layers.Layer):
             multiplier = tf.reshape(tf.cast(gate_multiplier, tf.float32), [-1])
         if noise is not None:
             noise = self._flatten_noise(noise, inputs)
-        positions = None
+        token_mask = None
         if mask is not None:
             mask = validation.check_leading_shape(
                 "mask", tf.cast(tf.convert_to_tensor(mask), tf.bool), inputs,
                 "inputs",
             )
-            # Only unmasked tokens reach the gate: they alone are routed and
-            # counted in importance and load.
-            positions = tf.where(tf.reshape(mask, [-1]))[:, 0]
-            x = tf.gather(x, positions)
-            gate_x = x if gating_inputs is None else tf.gather(gate_x, positions)
-            if multiplier is not None:
-                multiplier = tf.gather(multiplier, positions)
-            if noise is not None:
-                noise = [tf.gather(draw, positions) for draw in noise]
+            token_mask = tf.reshape(mask, [-1])
+            # Masked tokens are never read (padding may hold NaN): zeros keep
+            # them out of the experts' gradients too. The gate zeroes their
+            # gates, so they are not routed and count in no statistic.
+            x = tf.where(tf.expand_dims(token_mask, 1), x, tf.zeros((), x.dtype))
         if gating_inputs is not None:
             x = validation.check_finite("inputs", x)
         if noise is not None and len(noise) == 1:
             noise = noise[0]
 
-        routed = self._route(x, gate_x, training, multiplier, noise)
+        routed = self._route(x, gate_x, training, multiplier, noise, token_mask)
         importance, load = self._balance(
             self._global_statistics(routed.statistics)
         )
@@ -204,25 +204,16 @@ class _SparseMixtureBase(keras.layers.Layer):
                 self.last_importance.assign(tf.stop_gradient(importance))
                 self.last_load.assign(tf.stop_gradient(load))
 
-        num_tokens = tf.reduce_prod(leading_shape)
-        outputs = routed.outputs
-        if positions is not None:
-            outputs = _scatter_positions(outputs, positions, num_tokens)
         outputs = tf.reshape(
-            outputs, tf.concat([leading_shape, [self.output_dim]], 0)
+            routed.outputs, tf.concat([leading_shape, [self.output_dim]], 0)
         )
         outputs = tf.ensure_shape(
             outputs, inputs.shape[:-1].concatenate([self.output_dim])
         )
         if not return_routing:
             return outputs
-        gates = routed.gates()
-        token_index = tf.cast(routed.batch_index, tf.int64)
-        if positions is not None:
-            gates = _scatter_positions(gates, positions, num_tokens)
-            token_index = tf.gather(positions, token_index)
         gates = tf.reshape(
-            gates, tf.concat([leading_shape, [self.num_experts]], 0)
+            routed.gates(), tf.concat([leading_shape, [self.num_experts]], 0)
         )
         routing = {
             "gates": gates,
@@ -231,7 +222,7 @@ class _SparseMixtureBase(keras.layers.Layer):
             "aux_loss": aux_loss,
             "part_sizes": routed.part_sizes,
             "expert_index": routed.expert_index,
-            "token_index": token_index,
+            "token_index": tf.cast(routed.batch_index, tf.int64),
             "expert_gates": routed.expert_gates,
         }
         return outputs, routing
@@ -461,8 +452,10 @@ class MixtureOfExperts(_SparseMixtureBase):
         self.gating.build((None, gating_dim))
         self.experts.build((None, input_dim))
 
-    def _route(self, x, gate_x, training, multiplier, noise):
-        gates, load = self.gating(gate_x, training=training, noise=noise)
+    def _route(self, x, gate_x, training, multiplier, noise, mask):
+        gates, load = self.gating(
+            gate_x, training=training, noise=noise, mask=mask
+        )
         if multiplier is not None:
             gates *= tf.expand_dims(multiplier, 1)
         dispatcher = SparseDispatcher(self.num_experts, gates)
@@ -682,10 +675,10 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
         for group in self.groups:
             group.build((None, input_dim))
 
-    def _route(self, x, gate_x, training, multiplier, noise):
+    def _route(self, x, gate_x, training, multiplier, noise, mask):
         primary_noise, secondary_noise = (None, None) if noise is None else noise
         primary_gates, primary_smooth_load = self.primary_gating(
-            gate_x, training=training, noise=primary_noise
+            gate_x, training=training, noise=primary_noise, mask=mask
         )
         if multiplier is not None:
             primary_gates *= tf.expand_dims(multiplier, 1)
@@ -703,7 +696,7 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
                 num=self.num_groups,
             )
         routed_groups = [
-            group._route(inputs, inputs, training, group_multiplier, draw)
+            group._route(inputs, inputs, training, group_multiplier, draw, None)
             for group, inputs, group_multiplier, draw in zip(
                 self.groups, group_inputs, group_multipliers, group_noise
             )
@@ -795,12 +788,3 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             "seed": self.seed,
         }
         return {**base_config, **config}
-
-
-def _scatter_positions(values, positions, num_tokens):
-    """Rows of `values` placed at `positions` of a zero `[num_tokens, ...]`."""
-    shape = tf.concat(
-        [tf.reshape(tf.cast(num_tokens, tf.int64), [1]),
-         tf.shape(values, out_type=tf.int64)[1:]], 0
-    )
-    return tf.scatter_nd(tf.expand_dims(positions, 1), values, shape)

@@ -49,33 +49,27 @@ def sampled_softmax_loss(
     Returns:
         float `[batch]`.
     """
-    sampled_logits = (
-        tf.matmul(features, sampled_weights, transpose_b=True)
-        - sampled_log_expected_count
-    )
-    target_logits = (
-        tf.reduce_sum(target_weights * features, 1) - target_log_expected_count
-    )
-    sampled_log_denominator = tf.reduce_logsumexp(sampled_logits, [1])
-    # The original scatters -inf into a [num_classes] mask and gathers the
-    # targets' entries; comparing the targets with the sampled classes gives
-    # the same mask in [batch, num_sampled] instead of [num_classes].
-    target_sampled = tf.reduce_any(
+    # Corrected logits: [batch, num_sampled] and [batch].
+    logits_s = tf.matmul(features, sampled_weights, transpose_b=True)
+    logits_s = logits_s - sampled_log_expected_count
+    logits_t = tf.reduce_sum(features * target_weights, axis=1)
+    logits_t = logits_t - target_log_expected_count
+    # Is each example's target among the sampled classes? (A comparison,
+    # [batch, num_sampled], rather than a [num_classes] mask.)
+    hit = tf.reduce_any(
         tf.equal(
-            tf.expand_dims(tf.cast(target_classes, tf.int64), 1),
-            tf.expand_dims(tf.cast(sampled_classes, tf.int64), 0),
+            tf.cast(target_classes, tf.int64)[:, None],
+            tf.cast(sampled_classes, tf.int64)[None, :],
         ),
         axis=1,
     )
-    target_log_denominator = tf.where(
-        target_sampled,
-        tf.fill(tf.shape(target_logits), float("-inf")),
-        target_logits,
-    )
-    combined_log_denominator = tf.reduce_logsumexp(
-        tf.stack([sampled_log_denominator, target_log_denominator]), [0]
-    )
-    return combined_log_denominator - target_logits
+    # The target's own term of the denominator, -inf when it is a sampled
+    # class already; then logsumexp(logsumexp(sampled), target term).
+    minus_inf = tf.fill(tf.shape(logits_t), float("-inf"))
+    term_t = tf.where(hit, minus_inf, logits_t)
+    lse_s = tf.reduce_logsumexp(logits_s, axis=1)
+    lse = tf.reduce_logsumexp(tf.stack([lse_s, term_t]), axis=0)
+    return lse - logits_t
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -129,8 +123,9 @@ class SampledSoftmaxLoss(keras.layers.Layer):
         embedding: optional `ShardedEmbedding` with `input_dim ==
             num_classes` to read the class weights from instead of owning a
             table, e.g. the input embedding, to tie them (its `output_dim`
-            must be the features' width). A tied model saved to `.keras` and
-            loaded back holds two tables with equal values, no longer tied.
+            must be the features' width). In a model that also uses the
+            embedding as a layer, the tie survives a `.keras` round trip
+            (Keras restores a shared object once).
         **kwargs: base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -143,7 +138,8 @@ class SampledSoftmaxLoss(keras.layers.Layer):
         sampled_values: optional tuple `(sampled_classes [S],
             true_expected_count [...] or [..., 1], sampled_expected_count
             [S])`, the output of a candidate sampler, used instead of a
-            fresh draw (training only).
+            fresh draw in training (inference uses every class and ignores
+            it).
 
     Returns:
         The per-example loss, float32 `[...]` (sum it for the original's
@@ -186,7 +182,8 @@ class SampledSoftmaxLoss(keras.layers.Layer):
             if sampler not in SAMPLERS:
                 raise ValueError(
                     f"`sampler` must be one of {sorted(SAMPLERS)} or a "
-                    f"callable candidate sampler. Received: sampler={sampler!r}"
+                    f"callable candidate sampler. "
+                    f"Received: sampler={sampler!r}"
                 )
         elif isinstance(sampler, dict):
             sampler = keras.saving.deserialize_keras_object(sampler)
