@@ -28,11 +28,13 @@ import keras as _keras  # noqa: E402
 _require_tensorflow_backend(_keras.backend.backend())
 
 from keras_moe.balance import cv_squared, gates_to_load, max_overload
-from keras_moe.dispatch import SparseDispatcher
+from keras_moe.dispatch import CapacityDispatcher, SparseDispatcher
+from keras_moe.embedding import ShardedEmbedding
 from keras_moe.experts import FeedForwardExperts
 from keras_moe.gating import NoisyTopKGating
 from keras_moe.introspection import expert_to_gates, expert_to_tokens
 from keras_moe.moe import HierarchicalMixtureOfExperts, MixtureOfExperts
+from keras_moe.sampled_softmax import SampledSoftmaxLoss
 
 from keras_moe import compat  # noqa: E402  (after the layers it loads into)
 
@@ -44,6 +46,9 @@ __all__ = [
     "NoisyTopKGating",
     "FeedForwardExperts",
     "SparseDispatcher",
+    "CapacityDispatcher",
+    "ShardedEmbedding",
+    "SampledSoftmaxLoss",
     "cv_squared",
     "max_overload",
     "gates_to_load",

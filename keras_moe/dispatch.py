@@ -149,3 +149,139 @@ class SparseDispatcher:
             self._nonzero_gates, self._part_sizes, num=self._num_experts,
             axis=0,
         )
+
+
+class CapacityDispatcher:
+    """Routes rows to experts with a fixed capacity: static shapes, for XLA.
+
+    Every expert gets exactly `capacity` slots. Rows are queued at each
+    expert in row order (row 0 first); a (row, expert) pair whose place in
+    the queue is `capacity` or later is dropped, deterministically: the row
+    keeps its other experts, and its output lacks that expert's share. With
+    `capacity >= batch` nothing is dropped and `combine(f(dispatch(x)))`
+    equals `SparseDispatcher`'s result.
+
+    Index-based: the intermediates are `[batch, num_experts]` (queue
+    positions) and `[batch, k]` (slots), never
+    `[batch, num_experts, capacity]`.
+
+    Args:
+        num_experts: int >= 1.
+        gates: a float tensor `[batch, num_experts]` with at most `k`
+            positive entries per row.
+        k: int, the most experts a row uses.
+        capacity: int (or scalar int tensor) >= 1, slots per expert.
+
+    Example:
+
+    >>> gates = tf.constant([[0.6, 0.4], [0.5, 0.5], [1.0, 0.0]])
+    >>> dispatcher = CapacityDispatcher(2, gates, k=2, capacity=2)
+    >>> dispatcher.dispatch(tf.constant([[1.0], [2.0], [3.0]]))[:, :, 0].numpy()
+    array([[1., 2.],
+           [1., 2.]], dtype=float32)
+    >>> round(float(dispatcher.dropped_fraction), 4)  # 1 of 5 choices
+    0.2
+    """
+
+    def __init__(self, num_experts, gates, k, capacity):
+        self._num_experts = validation.check_int("num_experts", num_experts, 1)
+        gates = validation.check_float_tensor("gates", gates)
+        if gates.shape.rank != 2 or gates.shape[1] not in (None, num_experts):
+            raise ValueError(
+                f"`gates` must have shape [batch, num_experts={num_experts}]. "
+                f"Received: gates.shape={gates.shape}"
+            )
+        k = validation.check_int("k", k, 1, num_experts)
+        if isinstance(capacity, int):
+            validation.check_int("capacity", capacity, 1)
+        self._capacity = capacity
+        self._gates = gates
+        top_gates, expert_index = tf.math.top_k(gates, k)
+        active = top_gates > 0
+        # Each row's place in each expert's queue, in row order.
+        queue_position = tf.cumsum(
+            tf.cast(gates > 0, tf.int32), axis=0, exclusive=True
+        )
+        position = tf.gather(queue_position, expert_index, batch_dims=1)
+        kept = active & (position < capacity)
+        self._num_slots = num_experts * capacity
+        # Dropped or unused choices point at one spare slot past the end,
+        # which reads zeros.
+        self._slot = tf.where(
+            kept, expert_index * capacity + position, self._num_slots
+        )
+        self._slot_gates = tf.where(kept, top_gates, tf.zeros_like(top_gates))
+        self._kept = kept
+        self._expert_index = expert_index
+        batch = tf.shape(gates)[0]
+        row_ids = tf.broadcast_to(tf.range(1, batch + 1)[:, None], tf.shape(kept))
+        # The row (1-based; 0 = empty) each slot holds.
+        self._slot_row = tf.scatter_nd(
+            tf.expand_dims(self._slot, -1),
+            tf.where(kept, row_ids, 0),
+            [self._num_slots + 1],
+        )[: self._num_slots]
+        num_active = tf.reduce_sum(tf.cast(active, tf.float32))
+        num_dropped = num_active - tf.reduce_sum(tf.cast(kept, tf.float32))
+        self._dropped_fraction = num_dropped / tf.maximum(num_active, 1.0)
+
+    @property
+    def capacity(self):
+        return self._capacity
+
+    @property
+    def dropped_fraction(self):
+        """float32 scalar: the share of (row, expert) choices dropped."""
+        return self._dropped_fraction
+
+    @property
+    def part_sizes(self):
+        """int32 `[num_experts]`: how many rows each expert really gets."""
+        return tf.math.unsorted_segment_sum(
+            tf.reshape(tf.cast(self._kept, tf.int32), [-1]),
+            tf.reshape(self._expert_index, [-1]),
+            self._num_experts,
+        )
+
+    def routed_pairs(self):
+        """The kept (row, expert) pairs, sorted by expert then row.
+
+        Returns `(expert_index, batch_index, gates)`, 1-D tensors whose
+        length depends on the data (for inspection, not for XLA).
+        """
+        slot_row = self._slot_row
+        used = tf.where(slot_row > 0)[:, 0]
+        expert_index = tf.cast(used // tf.cast(self._capacity, tf.int64),
+                               tf.int32)
+        batch_index = tf.gather(slot_row, used) - 1
+        gates = tf.gather_nd(
+            self._gates, tf.stack([batch_index, expert_index], 1)
+        )
+        return expert_index, batch_index, gates
+
+    def dispatch(self, inp):
+        """The experts' inputs, `[num_experts, capacity, ...]`; empty slots
+        are zero."""
+        padded = tf.concat([tf.zeros_like(inp[:1]), inp], 0)
+        expert_inputs = tf.gather(padded, self._slot_row)
+        return tf.reshape(
+            expert_inputs,
+            tf.concat([[self._num_experts, self._capacity],
+                       tf.shape(inp)[1:]], 0),
+        )
+
+    def combine(self, expert_out):
+        """Gate-weighted sum per row of `expert_out [num_experts, capacity,
+        ...]`; dropped choices add nothing."""
+        flat = tf.reshape(
+            expert_out,
+            tf.concat([[self._num_slots], tf.shape(expert_out)[2:]], 0),
+        )
+        flat = tf.concat([flat, tf.zeros_like(flat[:1])], 0)
+        gathered = tf.gather(flat, self._slot)  # [batch, k, ...]
+        gates = tf.cast(self._slot_gates, expert_out.dtype)
+        gates = tf.reshape(
+            gates, tf.concat([tf.shape(gates),
+                              tf.ones([gathered.shape.rank - 2], tf.int32)], 0)
+        )
+        return tf.reduce_sum(gathered * gates, axis=1)

@@ -34,17 +34,19 @@ class FeedForwardExperts(keras.layers.Layer):
         **kwargs: base layer keyword arguments.
 
     Call arguments:
-        inputs: a float tensor `[rows, d]`, grouped by expert: expert 0's
-            rows first, then expert 1's, and so on (what
-            `SparseDispatcher.dispatch_concatenated` returns).
+        inputs: a float tensor, either `[rows, d]` grouped by expert
+            (expert 0's rows first, then expert 1's, and so on: what
+            `SparseDispatcher.dispatch_concatenated` returns) with
+            `part_sizes`, or `[num_experts, capacity, d]`, one slab per
+            expert (what `CapacityDispatcher.dispatch` returns), without.
         part_sizes: int tensor `[num_experts]`, how many rows each expert
-            has; it sums to `rows`.
+            has; it sums to `rows`. Only with 2-D inputs.
 
     Input shape:
-        `(rows, d)` and `(num_experts,)`.
+        `(rows, d)` and `(num_experts,)`, or `(num_experts, capacity, d)`.
 
     Output shape:
-        `(rows, output_dim)`.
+        `(rows, output_dim)` or `(num_experts, capacity, output_dim)`.
 
     Returns:
         Each row passed through its expert, in the same order.
@@ -80,7 +82,7 @@ class FeedForwardExperts(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
     def build(self, input_shape):
-        validation.check_input_shape("inputs", input_shape, 2, 2)
+        validation.check_input_shape("inputs", input_shape, 2, 3)
         input_dim = input_shape[-1]
         output_dim = self.output_dim or input_dim
         self.layer_sizes = (input_dim, *self.hidden_sizes, output_dim)
@@ -100,12 +102,22 @@ class FeedForwardExperts(keras.layers.Layer):
             )
         ]
 
-    def call(self, inputs, part_sizes):
+    def call(self, inputs, part_sizes=None):
         x = validation.check_float_tensor("inputs", inputs)
+        stacked = part_sizes is None
         validation.check_input_shape(
-            "inputs", x.shape, 2, 2, self.layer_sizes[0]
+            "inputs", x.shape, 3 if stacked else 2, 3 if stacked else 2,
+            self.layer_sizes[0],
         )
         x = tf.cast(x, self.compute_dtype)
+        if stacked:
+            if x.shape[0] not in (None, self.num_experts):
+                raise ValueError(
+                    f"3-D `inputs` must hold one slab per expert "
+                    f"({self.num_experts}). Received: inputs.shape={x.shape}"
+                )
+            # One batched matmul per layer over all experts' slabs.
+            return self._forward(x, list(self.kernels))
         parts = tf.split(x, part_sizes, num=self.num_experts, axis=0)
         # One unstack per kernel: its gradient is one dense stack, not one
         # full-size zero-padded gradient per expert as slicing would give.
@@ -144,7 +156,7 @@ class FeedForwardExperts(keras.layers.Layer):
         return x
 
     def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.output_dim or input_shape[-1])
+        return tuple(input_shape[:-1]) + (self.output_dim or input_shape[-1],)
 
     def get_config(self):
         base_config = super().get_config()

@@ -97,6 +97,9 @@ class NoisyTopKGating(keras.layers.Layer):
         # Gating math is float32 under every policy: Keras must neither
         # round the inputs (and `noise`) to float16 nor autocast the kernels.
         self.autocast = False
+        # `mask` is consumed here (masked rows get no gates); no output
+        # carries it on (see `compute_mask`).
+        self.supports_masking = True
 
     def build(self, input_shape):
         validation.check_input_shape("inputs", input_shape, 2, 2)
@@ -207,6 +210,9 @@ class NoisyTopKGating(keras.layers.Layer):
             keras.KerasTensor(gates_shape, dtype="float32"),
             keras.KerasTensor(load_shape, dtype="float32"),
         )
+
+    def compute_mask(self, inputs, mask=None):
+        return None
 
     def get_config(self):
         base_config = super().get_config()

@@ -3,25 +3,27 @@
 as Keras layers."""
 
 import collections
+import math
 
 import keras
 import tensorflow as tf
 
 from keras_moe import balance, validation
-from keras_moe.dispatch import SparseDispatcher
+from keras_moe.dispatch import CapacityDispatcher, SparseDispatcher
 from keras_moe.experts import FeedForwardExperts
 from keras_moe.gating import NoisyTopKGating
 
 # What routing one flat batch of tokens gives. `statistics` holds the
 # batch sums that the balancing loss is made of (summed over replicas before
-# `_balance` turns them into importance and load); `expert_index`,
-# `batch_index` and `expert_gates` list each routed (token, expert) pair,
-# sorted by expert, then by token; `gates` builds the dense
-# `[tokens, num_experts]` gates only when asked for.
+# `_balance` turns them into importance and load). Built only when asked
+# for: `pairs()` gives `(expert_index, batch_index, expert_gates)`, each
+# routed (token, expert) pair sorted by expert, then by token, and
+# `gates()` the dense `[tokens, num_experts]` gates. `dropped_fraction` is
+# None where nothing can be dropped.
 Routed = collections.namedtuple(
     "Routed",
-    ["outputs", "statistics", "expert_index", "batch_index", "expert_gates",
-     "part_sizes", "gates"],
+    ["outputs", "statistics", "part_sizes", "pairs", "gates",
+     "dropped_fraction"],
 )
 
 
@@ -197,6 +199,7 @@ class _SparseMixtureBase(keras.layers.Layer):
                 "importance_cv2": importance_cv2,
                 "load_cv2": load_cv2,
                 "max_overload": balance.max_overload(load),
+                "dropped_fraction": routed.dropped_fraction,
             }
             for key, tracker in self._routing_trackers.items():
                 tracker.update_state(tf.stop_gradient(values[key]))
@@ -221,10 +224,15 @@ class _SparseMixtureBase(keras.layers.Layer):
             "load": load,
             "aux_loss": aux_loss,
             "part_sizes": routed.part_sizes,
-            "expert_index": routed.expert_index,
-            "token_index": tf.cast(routed.batch_index, tf.int64),
-            "expert_gates": routed.expert_gates,
         }
+        (
+            routing["expert_index"],
+            batch_index,
+            routing["expert_gates"],
+        ) = routed.pairs()
+        routing["token_index"] = tf.cast(batch_index, tf.int64)
+        if routed.dropped_fraction is not None:
+            routing["dropped_fraction"] = routed.dropped_fraction
         return outputs, routing
 
     def _flatten_noise(self, noise, inputs):
@@ -308,7 +316,9 @@ class MixtureOfExperts(_SparseMixtureBase):
     `importance` is the sum of each expert's gates over the batch and `load`
     the (smooth, while noisy) number of tokens each expert receives.
 
-    Shapes depend on the routing, so the layer sets `supports_jit = False`.
+    With the default exact dispatch, shapes depend on the routing, so the
+    layer sets `supports_jit = False`; `dispatch="capacity"` has static
+    shapes and compiles with XLA.
 
     Args:
         num_experts: int >= 1.
@@ -336,6 +346,18 @@ class MixtureOfExperts(_SparseMixtureBase):
             `_load_cv2` and `_max_overload`, which `fit` and `evaluate`
             report (progress bar, history, TensorBoard). Global under
             `tf.distribute` when `cross_replica_balance` is on.
+        dispatch: `"sparse"` (default): exact, each expert gets exactly
+            its tokens, shapes depend on the data (no XLA). `"capacity"`:
+            each expert gets `capacity` slots, static shapes, compiles with
+            XLA (`supports_jit`); a token past an expert's capacity is
+            dropped from that expert, tokens queueing in flattened input
+            order (see `CapacityDispatcher`).
+        capacity_factor: float > 0; with `dispatch="capacity"`, training
+            capacity is `ceil(capacity_factor * tokens * k / num_experts)`
+            slots per expert (at least `min_capacity`, at most `tokens`).
+        eval_capacity_factor: float > 0, the same in inference. A factor
+            of `num_experts / k` or more never drops a token.
+        min_capacity: int >= 1, the fewest slots per expert.
         **kwargs: base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -367,7 +389,10 @@ class MixtureOfExperts(_SparseMixtureBase):
         `aux_loss` (scalar), `part_sizes` `(num_experts,)` int32, and one
         entry per routed (token, expert) pair, sorted by expert then token:
         `expert_index` int32, `token_index` int64 (the token's position in
-        `inputs` flattened over its leading axes) and `expert_gates`.
+        `inputs` flattened over its leading axes) and `expert_gates`; with
+        `dispatch="capacity"` also `dropped_fraction`, the share of
+        (token, expert) choices dropped for lack of capacity (the pairs
+        and `part_sizes` then count kept choices only).
 
     Example:
 
@@ -394,6 +419,10 @@ class MixtureOfExperts(_SparseMixtureBase):
         seed=None,
         cross_replica_balance=True,
         routing_metrics=True,
+        dispatch="sparse",
+        capacity_factor=1.25,
+        eval_capacity_factor=2.0,
+        min_capacity=4,
         **kwargs,
     ):
         super().__init__(
@@ -402,6 +431,25 @@ class MixtureOfExperts(_SparseMixtureBase):
             routing_metrics=routing_metrics,
             **kwargs,
         )
+        if dispatch not in ("sparse", "capacity"):
+            raise ValueError(
+                "`dispatch` must be 'sparse' or 'capacity'. "
+                f"Received: dispatch={dispatch!r}"
+            )
+        self.dispatch = dispatch
+        self.capacity_factor = validation.check_positive_float(
+            "capacity_factor", capacity_factor
+        )
+        self.eval_capacity_factor = validation.check_positive_float(
+            "eval_capacity_factor", eval_capacity_factor
+        )
+        self.min_capacity = validation.check_int("min_capacity", min_capacity, 1)
+        # The capacity dispatch has static shapes and compiles with XLA.
+        self.supports_jit = dispatch == "capacity"
+        if dispatch == "capacity" and self.routing_metrics:
+            self._routing_trackers["dropped_fraction"] = keras.metrics.Mean(
+                name=f"{self.name}_dropped_fraction"
+            )
         self.gating = NoisyTopKGating(
             num_experts,
             k=k,
@@ -458,6 +506,23 @@ class MixtureOfExperts(_SparseMixtureBase):
         )
         if multiplier is not None:
             gates *= tf.expand_dims(multiplier, 1)
+        statistics = {"importance": tf.reduce_sum(gates, 0), "load": load}
+        if self.dispatch == "capacity":
+            dispatcher = CapacityDispatcher(
+                self.num_experts, gates, self.gating.k,
+                self._capacity(x, training),
+            )
+            expert_outputs = self.experts(
+                tf.cast(dispatcher.dispatch(x), self.compute_dtype)
+            )
+            return Routed(
+                outputs=dispatcher.combine(expert_outputs),
+                statistics=statistics,
+                part_sizes=dispatcher.part_sizes,
+                pairs=dispatcher.routed_pairs,
+                gates=lambda: gates,
+                dropped_fraction=dispatcher.dropped_fraction,
+            )
         dispatcher = SparseDispatcher(self.num_experts, gates)
         expert_outputs = self.experts(
             tf.cast(dispatcher.dispatch_concatenated(x), self.compute_dtype),
@@ -465,12 +530,30 @@ class MixtureOfExperts(_SparseMixtureBase):
         )
         return Routed(
             outputs=dispatcher.combine_concatenated(expert_outputs),
-            statistics={"importance": tf.reduce_sum(gates, 0), "load": load},
-            expert_index=dispatcher.expert_index,
-            batch_index=dispatcher.batch_index,
-            expert_gates=dispatcher.nonzero_gates,
+            statistics=statistics,
             part_sizes=dispatcher.part_sizes,
+            pairs=lambda: (dispatcher.expert_index, dispatcher.batch_index,
+                           dispatcher.nonzero_gates),
             gates=lambda: gates,
+            dropped_fraction=None,
+        )
+
+    def _capacity(self, x, training):
+        """Slots per expert: `capacity_factor * tokens * k / num_experts`
+        rounded up, at least `min_capacity`, at most the token count (which
+        can drop nothing). A Python int when the token count is static."""
+        factor = self.capacity_factor if training else self.eval_capacity_factor
+        share = factor * self.gating.k / self.num_experts
+        num_tokens = x.shape[0]
+        if num_tokens is not None:
+            return max(1, min(num_tokens, max(
+                self.min_capacity, math.ceil(share * num_tokens))))
+        num_tokens = tf.shape(x)[0]
+        wanted = tf.cast(
+            tf.math.ceil(share * tf.cast(num_tokens, tf.float32)), tf.int32
+        )
+        return tf.maximum(
+            1, tf.minimum(num_tokens, tf.maximum(self.min_capacity, wanted))
         )
 
     def _balance(self, statistics):
@@ -500,6 +583,10 @@ class MixtureOfExperts(_SparseMixtureBase):
                 experts.kernel_initializer
             ),
             "seed": gating.seed,
+            "dispatch": self.dispatch,
+            "capacity_factor": self.capacity_factor,
+            "eval_capacity_factor": self.eval_capacity_factor,
+            "min_capacity": self.min_capacity,
         }
         return {**base_config, **config}
 
@@ -716,23 +803,25 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             "primary_smooth_load": primary_smooth_load,
             "primary_true_load": primary_true_load,
         }
-        # Flat expert index i * experts_per_group + j; a group's local
-        # token index points into the tokens that group received.
-        group_starts = tf.cumsum(dispatcher.part_sizes, exclusive=True)
-        expert_index = tf.concat(
-            [routed.expert_index + i * self.experts_per_group
-             for i, routed in enumerate(routed_groups)], 0
-        )
-        batch_index = tf.gather(
-            dispatcher.batch_index,
-            tf.concat([routed.batch_index + group_starts[i]
-                       for i, routed in enumerate(routed_groups)], 0),
-        )
-        expert_gates = tf.concat(
-            [routed.expert_gates for routed in routed_groups], 0
-        )
+        def pairs():
+            # Flat expert index i * experts_per_group + j; a group's local
+            # token index points into the tokens that group received.
+            group_starts = tf.cumsum(dispatcher.part_sizes, exclusive=True)
+            group_pairs = [routed.pairs() for routed in routed_groups]
+            expert_index = tf.concat(
+                [experts + i * self.experts_per_group
+                 for i, (experts, _, _) in enumerate(group_pairs)], 0
+            )
+            batch_index = tf.gather(
+                dispatcher.batch_index,
+                tf.concat([rows + group_starts[i]
+                           for i, (_, rows, _) in enumerate(group_pairs)], 0),
+            )
+            expert_gates = tf.concat([g for _, _, g in group_pairs], 0)
+            return expert_index, batch_index, expert_gates
 
         def dense_gates():
+            expert_index, batch_index, expert_gates = pairs()
             return tf.scatter_nd(
                 tf.stack([batch_index, expert_index], 1),
                 expert_gates,
@@ -742,13 +831,12 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
         return Routed(
             outputs=outputs,
             statistics=statistics,
-            expert_index=expert_index,
-            batch_index=batch_index,
-            expert_gates=expert_gates,
             part_sizes=tf.concat(
                 [routed.part_sizes for routed in routed_groups], 0
             ),
+            pairs=pairs,
             gates=dense_gates,
+            dropped_fraction=None,
         )
 
     def _balance(self, statistics):

@@ -35,6 +35,14 @@ def check_non_negative_float(name, value):
     return value
 
 
+def check_positive_float(name, value):
+    """Returns `value` as a float if it is a finite number > 0."""
+    value = check_non_negative_float(name, value)
+    if value == 0:
+        raise ValueError(f"`{name}` must be > 0. Received: {name}={value}")
+    return value
+
+
 def check_bool(name, value):
     if not isinstance(value, bool):
         raise TypeError(

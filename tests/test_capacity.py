@@ -1,0 +1,166 @@
+"""The capacity dispatch: static shapes, XLA, exact drop accounting, and
+equality with the sparse dispatch when nothing is dropped."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_moe
+from keras_moe.dispatch import CapacityDispatcher
+
+
+def test_hand_built_routing_drops_in_token_order():
+    # Expert 0 is wanted by rows 0, 1, 2 (capacity 2: row 2 is dropped
+    # there), expert 1 by rows 0 and 3, expert 2 by nobody.
+    gates = tf.constant(
+        [[0.6, 0.4, 0.0], [1.0, 0.0, 0.0], [0.7, 0.0, 0.3], [0.0, 1.0, 0.0]]
+    )
+    dispatcher = CapacityDispatcher(3, gates, k=2, capacity=2)
+    inputs = tf.constant([[1.0], [2.0], [3.0], [4.0]])
+    slabs = dispatcher.dispatch(inputs)[:, :, 0].numpy()
+    np.testing.assert_array_equal(slabs, [[1, 2], [1, 4], [3, 0]])
+    assert dispatcher.part_sizes.numpy().tolist() == [2, 2, 1]
+    # 6 choices, 1 dropped (row 2 at expert 0).
+    np.testing.assert_allclose(dispatcher.dropped_fraction, 1 / 6)
+    experts, rows, pair_gates = dispatcher.routed_pairs()
+    assert experts.numpy().tolist() == [0, 0, 1, 1, 2]
+    assert rows.numpy().tolist() == [0, 1, 0, 3, 2]
+    np.testing.assert_allclose(pair_gates, [0.6, 1.0, 0.4, 1.0, 0.3])
+    # Expert e multiplies by (e + 1): row 2 keeps only expert 2's share.
+    combined = dispatcher.combine(
+        dispatcher.dispatch(inputs) * tf.constant([1.0, 2.0, 3.0])[:, None,
+                                                                  None]
+    )
+    np.testing.assert_allclose(
+        combined[:, 0], [0.6 * 1 + 0.4 * 2, 2.0, 0.3 * 3 * 3, 2 * 4.0],
+        rtol=1e-6,
+    )
+
+
+def _pair(**kwargs):
+    common = dict(hidden_sizes=(7,), gate_initializer="random_normal",
+                  **kwargs)
+    sparse = keras_moe.MixtureOfExperts(5, k=2, **common)
+    # Factor num_experts / k: capacity = tokens, nothing can be dropped.
+    capacity = keras_moe.MixtureOfExperts(
+        5, k=2, dispatch="capacity", capacity_factor=2.5,
+        eval_capacity_factor=2.5, **common,
+    )
+    sparse.build((None, 6))
+    capacity.build((None, 6))
+    capacity.set_weights(sparse.get_weights())
+    return sparse, capacity
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_equals_sparse_dispatch_when_nothing_is_dropped(training, masked):
+    sparse, capacity = _pair()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 8, 6)).astype("float32")
+    noise = rng.normal(size=(3, 8, 5)).astype("float32")
+    mask = rng.random((3, 8)) > 0.25 if masked else None
+    results = []
+    for layer in (sparse, capacity):
+        with tf.GradientTape() as tape:
+            y, routing = layer(x, training=training, noise=noise, mask=mask,
+                               return_routing=True)
+            loss = tf.reduce_sum(y**2) + routing["aux_loss"]
+        grads = tape.gradient(loss, layer.trainable_variables)
+        results.append((y, routing, grads))
+    (y1, r1, g1), (y2, r2, g2) = results
+    np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-6)
+    assert float(r2["dropped_fraction"]) == 0.0
+    for key in ("gates", "importance", "load", "aux_loss", "part_sizes",
+                "expert_index", "token_index", "expert_gates"):
+        np.testing.assert_allclose(r1[key], r2[key], rtol=1e-5, atol=1e-7)
+    for a, b in zip(g1, g2):
+        if a is None:
+            assert b is None
+            continue
+        np.testing.assert_allclose(a, b, rtol=1e-5,
+                                   atol=1e-5 * np.abs(a).max())
+
+
+def test_small_capacity_drops_and_reports_it():
+    layer = keras_moe.MixtureOfExperts(
+        4, k=2, dispatch="capacity", capacity_factor=0.5, min_capacity=1,
+        gate_initializer="random_normal",
+    )
+    x = np.random.default_rng(1).normal(size=(32, 6)).astype("float32")
+    y, routing = layer(x, training=True, return_routing=True)
+    # ceil(0.5 * 32 * 2 / 4) = 8 slots per expert, 64 choices.
+    part_sizes = routing["part_sizes"].numpy()
+    assert part_sizes.max() <= 8
+    np.testing.assert_allclose(routing["dropped_fraction"],
+                               1 - part_sizes.sum() / 64, rtol=1e-6)
+    assert float(routing["dropped_fraction"]) > 0
+    # Every kept pair is exactly the first 8 wanting tokens of its expert.
+    wanted = routing["gates"].numpy() > 0
+    tokens = keras_moe.expert_to_tokens(routing)
+    for e in range(4):
+        np.testing.assert_array_equal(tokens[e], np.nonzero(wanted[:, e])[0][:8])
+
+
+def _model(dispatch):
+    inputs = keras.Input((8, 6))
+    h = keras_moe.MixtureOfExperts(
+        4, k=2, hidden_sizes=(8,), dispatch=dispatch, name="moe",
+        gate_initializer="random_normal",
+    )(inputs)
+    return keras.Model(inputs, keras.layers.Dense(1)(h))
+
+
+def test_model_supports_jit_only_with_capacity_dispatch():
+    from keras.src.trainers.trainer import model_supports_jit
+
+    assert model_supports_jit(_model("capacity"))
+    assert not model_supports_jit(_model("sparse"))
+
+
+def test_jit_compiled_fit_step():
+    model = _model("capacity")
+    model.compile("adam", "mse", jit_compile=True)
+    assert model.jit_compile is True
+    rng = np.random.default_rng(2)
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    history = model.fit(rng.normal(size=(32, 8, 6)),
+                        rng.normal(size=(32, 8, 1)), batch_size=16,
+                        epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert "moe_dropped_fraction" in history.history
+    assert all(not np.array_equal(b, w.numpy())
+               for b, w in zip(before, model.trainable_weights))
+
+
+def test_keras_and_saved_model_round_trips(tmp_path):
+    model = _model("capacity")
+    x = np.random.default_rng(3).normal(size=(5, 8, 6)).astype("float32")
+    expected = model.predict(x, verbose=0)
+    path = os.path.join(tmp_path, "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    assert loaded.get_layer("moe").dispatch == "capacity"
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), expected)
+    export_dir = os.path.join(tmp_path, "exported")
+    model.export(export_dir, verbose=False)
+    reloaded = tf.saved_model.load(export_dir)
+    np.testing.assert_allclose(reloaded.serve(tf.constant(x)), expected,
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"dispatch": "dense"}, "dispatch='dense'"),
+        ({"capacity_factor": 0.0}, "capacity_factor=0.0"),
+        ({"eval_capacity_factor": -1.0}, "eval_capacity_factor=-1.0"),
+        ({"min_capacity": 0}, "min_capacity=0"),
+    ],
+)
+def test_bad_capacity_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        keras_moe.MixtureOfExperts(4, **kwargs)
