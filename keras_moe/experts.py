@@ -86,7 +86,7 @@ class FeedForwardExperts(keras.layers.Layer):
         input_dim = input_shape[-1]
         output_dim = self.output_dim or input_dim
         self.layer_sizes = (input_dim, *self.hidden_sizes, output_dim)
-        self.kernels = [
+        kernels = [
             self.add_weight(
                 name=f"kernel_{layer}",
                 shape=(self.num_experts, fan_in, fan_out),
@@ -100,6 +100,18 @@ class FeedForwardExperts(keras.layers.Layer):
             for layer, (fan_in, fan_out) in enumerate(
                 zip(self.layer_sizes[:-1], self.layer_sizes[1:])
             )
+        ]
+        # One attribute per kernel, not a list: tf.train.Checkpoint does
+        # not follow Keras's tracked lists.
+        for layer, kernel in enumerate(kernels):
+            setattr(self, f"kernel_{layer}", kernel)
+
+    @property
+    def kernels(self):
+        """`kernels[l]`: layer `l` of every expert, `[num_experts, in, out]`."""
+        return [
+            getattr(self, f"kernel_{layer}")
+            for layer in range(len(self.layer_sizes) - 1)
         ]
 
     def call(self, inputs, part_sizes=None):

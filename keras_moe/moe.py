@@ -4,6 +4,7 @@ as Keras layers."""
 
 import collections
 import math
+import threading
 
 import keras
 import tensorflow as tf
@@ -68,6 +69,23 @@ class _SparseMixtureBase(keras.layers.Layer):
         # gate's to float32: Keras must not round them (or `noise`) to
         # float16 first. The experts autocast their own kernels.
         self.autocast = False
+
+    # Keras keeps `add_loss` terms in one list per layer. Under
+    # MirroredStrategy the replicas run `call` in parallel threads and
+    # pause inside it (the cross-replica all-reduce, metric updates), so
+    # one replica would clear or read another's losses: keep one list per
+    # thread.
+    @property
+    def _losses(self):
+        local = self.__dict__.setdefault("_thread_losses", threading.local())
+        if not hasattr(local, "losses"):
+            local.losses = []
+        return local.losses
+
+    @_losses.setter
+    def _losses(self, value):
+        local = self.__dict__.setdefault("_thread_losses", threading.local())
+        local.losses = list(value)
 
     def _noise_shapes(self):
         """Trailing shapes of the noise draws, one per gating level."""
@@ -703,7 +721,7 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             dtype=self.dtype_policy,
             name="primary_gating",
         )
-        self.groups = [
+        groups = [
             MixtureOfExperts(
                 experts_per_group,
                 k=group_k,
@@ -723,6 +741,15 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             )
             for i in range(num_groups)
         ]
+        # One attribute per group, not a list: tf.train.Checkpoint does
+        # not follow Keras's tracked lists.
+        for i, group in enumerate(groups):
+            setattr(self, f"group_{i}", group)
+
+    @property
+    def groups(self):
+        """The `num_groups` `MixtureOfExperts` of the second level."""
+        return [getattr(self, f"group_{i}") for i in range(self.num_groups)]
 
     @property
     def num_groups(self):
