@@ -37,6 +37,7 @@ from keras_moe.moe import HierarchicalMixtureOfExperts, MixtureOfExperts
 from keras_moe.sampled_softmax import SampledSoftmaxLoss
 
 from keras_moe import compat  # noqa: E402  (after the layers it loads into)
+from keras_moe import callbacks  # noqa: E402
 
 __version__ = "0.1.0.dev0"
 
@@ -55,4 +56,5 @@ __all__ = [
     "expert_to_tokens",
     "expert_to_gates",
     "compat",
+    "callbacks",
 ]

@@ -70,13 +70,21 @@ class RoutingMonitor(keras.callbacks.Callback):
             None (the default) monitors every MoE layer of the model, at
             any depth, that has `routing_metrics=True`.
         update_freq: int >= 1: record every `update_freq` training
-            batches.
+            batches (every `update_freq` calls of `on_train_batch_end`:
+            with `steps_per_execution > 1` Keras calls it once per
+            execution, and the values are the execution's last batch's).
         per_expert_scalars: bool; also write one scalar summary per expert.
 
     Attributes:
         history: dict from layer name to a dict with `"step"` (int64
             `[records]`, the optimizer iterations), `"load"` and
             `"importance"` (float32 `[records, num_experts]`).
+
+    Raises:
+        ValueError: at construction, for a bad argument; when training
+            begins, if the model has no MoE layer to monitor, or `layers`
+            names a layer that is not in the model, is not an MoE layer, or
+            was built with `routing_metrics=False`.
 
     Example:
 
@@ -197,7 +205,8 @@ class RoutingMonitor(keras.callbacks.Callback):
         found = []
         for item in self.layers:
             layer = by_name.get(item) if isinstance(item, str) else item
-            if layer is None or not any(layer is other for other in all_layers):
+            in_model = any(layer is other for other in all_layers)
+            if layer is None or not in_model:
                 raise ValueError(
                     f"`layers` names {getattr(item, 'name', item)!r}, which "
                     f"is not a layer of model '{model.name}'. Its MoE "
@@ -244,7 +253,7 @@ class RoutingMonitor(keras.callbacks.Callback):
     def _step(self):
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is not None:
-            return int(keras.ops.convert_to_numpy(optimizer.iterations))
+            return int(_to_numpy(optimizer.iterations, np.int64))
         return self._batches
 
     def record(self):
@@ -293,6 +302,9 @@ class RoutingMonitor(keras.callbacks.Callback):
 
     @property
     def history(self):
+        """Per layer name: `{"step": int64 [records], "load": float32
+        [records, num_experts], "importance": float32 [records,
+        num_experts]}`, as numpy arrays (a copy)."""
         return {
             name: {
                 "step": np.asarray(records["step"], np.int64),
@@ -560,8 +572,14 @@ def _check_path(name, value):
     return value
 
 
-def _to_numpy(variable):
-    return np.array(keras.ops.convert_to_numpy(variable), dtype=np.float32)
+def _to_numpy(variable, dtype=np.float32):
+    # `.value` is the backend variable (a tf.Variable, or a distributed one
+    # whose `numpy()` reads the first replica's copy); numpy's `__array__`
+    # protocol on the Keras variable warns under NumPy 2.
+    value = getattr(variable, "value", variable)
+    if hasattr(value, "numpy"):
+        value = value.numpy()
+    return np.array(value, dtype=dtype)
 
 
 def _unique(layers):

@@ -6,10 +6,12 @@ import doctest
 import numpy as np
 import pytest
 
-from keras_moe import balance, dispatch, experts, gating, introspection, moe
+from keras_moe import (
+    balance, callbacks, dispatch, experts, gating, introspection, moe,
+)
 
 
-@pytest.mark.parametrize("module", [balance, dispatch, experts, gating, introspection, moe])
+@pytest.mark.parametrize("module", [balance, callbacks, dispatch, experts, gating, introspection, moe])
 def test_docstring_examples(module):
     result = doctest.testmod(
         module, extraglobs={"np": np}, optionflags=doctest.ELLIPSIS,

@@ -1,0 +1,378 @@
+"""keras_moe.callbacks.RoutingMonitor: TensorBoard histograms of per-expert
+load and importance at increasing steps, read back from the event files and
+checked against the layer's own routing of each batch; the PNG heat map,
+decoded and checked pixel by pixel; and its errors."""
+
+import doctest
+import glob
+import os
+import struct
+import zlib
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.util import event_pb2
+
+import keras_moe
+from keras_moe import callbacks
+from keras_moe.callbacks import RoutingMonitor, save_load_heatmap
+
+NUM_EXPERTS = 5
+BATCH = 16
+NUM_BATCHES = 3
+EPOCHS = 2
+COOL, FAIR, WARM = (59, 76, 192), (221, 221, 221), (180, 4, 38)
+
+
+def _data(num_features=6):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(BATCH * NUM_BATCHES, num_features)).astype("float32")
+    return x, rng.normal(size=(len(x), 1)).astype("float32")
+
+
+def _model(layer):
+    inputs = keras.Input((6,))
+    head = keras.layers.Dense(1, name="head")
+    model = keras.Model(inputs, head(layer(inputs)))
+    # A zero learning rate keeps the weights, so the layer's routing of
+    # batch b after fit is the routing the callback saw at that batch.
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    return model
+
+
+def _flat_layer(**kwargs):
+    return keras_moe.MixtureOfExperts(
+        NUM_EXPERTS, k=2, name="moe", noisy_gating=False,
+        gate_initializer=keras.initializers.RandomNormal(seed=2), **kwargs)
+
+
+def _expected_per_batch(layer, x):
+    """The layer's `(load, importance)` of each training batch, flattened."""
+    result = []
+    for b in range(NUM_BATCHES):
+        _, routing = layer(x[b * BATCH:(b + 1) * BATCH], training=True,
+                           return_routing=True)
+        result.append((routing["load"].numpy().reshape(-1),
+                       routing["importance"].numpy().reshape(-1)))
+    return result * EPOCHS
+
+
+def _read_events(log_dir):
+    """`{tag: [(step, summary value), ...]}` from all event files."""
+    events = {}
+    files = sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*")))
+    assert files, f"no event files in {log_dir}"
+    for path in files:
+        for record in tf.data.TFRecordDataset(path):
+            event = event_pb2.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                events.setdefault(value.tag, []).append((event.step, value))
+    return events
+
+
+def _decode_png(data):
+    """`(width, height, color_type, pixels)` of an 8-bit, non-interlaced
+    PNG written with filter type 0; checks the signature and every CRC."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind = data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, f"bad CRC: {kind}"
+        chunks.append((kind, body))
+        pos += 12 + length
+    assert pos == len(data)
+    assert chunks[0][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
+    width, height, depth, color_type, compression, filtering, interlace = (
+        struct.unpack(">IIBBBBB", chunks[0][1]))
+    assert (depth, compression, filtering, interlace) == (8, 0, 0, 0)
+    channels = {0: 1, 2: 3}[color_type]
+    raw = zlib.decompress(b"".join(b for k, b in chunks if k == b"IDAT"))
+    rows = np.frombuffer(raw, np.uint8).reshape(height, 1 + width * channels)
+    assert np.all(rows[:, 0] == 0), "expected filter type 0 on every row"
+    pixels = rows[:, 1:].reshape((height, width) + ((3,) if channels == 3
+                                                     else ()))
+    return width, height, color_type, pixels
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    keras.utils.set_random_seed(1234)
+    out = tmp_path_factory.mktemp("routing")
+    layer = _flat_layer()
+    model = _model(layer)
+    x, y = _data()
+    monitor = RoutingMonitor(log_dir=str(out / "logs"),
+                             heatmap_path=out / "figures" / "load.png",
+                             per_expert_scalars=True)
+    model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False,
+              verbose=0, callbacks=[monitor])
+    return {"out": out, "layer": layer, "model": model, "monitor": monitor,
+            "expected": _expected_per_batch(layer, x)}
+
+
+def test_histograms_match_each_batchs_load_at_increasing_steps(trained):
+    events = _read_events(str(trained["out"] / "logs"))
+    expected = trained["expected"]
+    steps = list(range(1, NUM_BATCHES * EPOCHS + 1))   # optimizer iterations
+    for key, which in (("load", 0), ("importance", 1)):
+        records = events[f"moe/{key}"]
+        assert [step for step, _ in records] == steps
+        for (step, value), batch in zip(records, expected):
+            values = batch[which]
+            histo = value.histo
+            assert value.WhichOneof("value") == "histo"
+            assert histo.num == NUM_EXPERTS
+            np.testing.assert_allclose(histo.sum, values.sum(), rtol=1e-5)
+            np.testing.assert_allclose(histo.sum_squares,
+                                       np.sum(values ** 2), rtol=1e-5)
+            np.testing.assert_allclose(histo.min, values.min(), rtol=1e-5)
+            np.testing.assert_allclose(histo.max, values.max(), rtol=1e-5)
+            assert sum(histo.bucket) == NUM_EXPERTS
+        # The per-expert scalars hold the values themselves.
+        for i in range(NUM_EXPERTS):
+            records = events[f"moe/{key}/expert_{i}"]
+            assert [step for step, _ in records] == steps
+            np.testing.assert_allclose(
+                [value.simple_value for _, value in records],
+                [batch[which][i] for batch in expected], rtol=1e-5)
+    # The batches differ, so the steps really hold different loads.
+    loads = np.array([batch[0] for batch in expected])
+    assert np.ptp(loads[:NUM_BATCHES], axis=0).max() > 0
+    # The load is the count of tokens per expert (no noise): k per token.
+    np.testing.assert_allclose(loads.sum(axis=1), 2 * BATCH)
+
+
+def test_history_holds_steps_load_and_importance(trained):
+    history = trained["monitor"].history
+    assert list(history) == ["moe"]
+    np.testing.assert_array_equal(history["moe"]["step"],
+                                  np.arange(1, NUM_BATCHES * EPOCHS + 1))
+    np.testing.assert_allclose(history["moe"]["load"],
+                               [batch[0] for batch in trained["expected"]],
+                               rtol=1e-6)
+    np.testing.assert_allclose(history["moe"]["importance"],
+                               [batch[1] for batch in trained["expected"]],
+                               rtol=1e-5)
+    assert trained["monitor"].monitored_layers == [trained["layer"]]
+
+
+def test_heatmap_written_at_train_end_is_a_valid_png(trained):
+    path = trained["out"] / "figures" / "load.png"
+    assert path.exists()
+    width, height, color_type, pixels = _decode_png(path.read_bytes())
+    steps = NUM_BATCHES * EPOCHS
+    assert (width, height, color_type) == (steps * 2, NUM_EXPERTS * 8, 2)
+    # Cell (expert i, step t) is load / mean load / 2 on the colormap.
+    loads = trained["monitor"].history["moe"]["load"]
+    expected = save_load_heatmap(trained["out"] / "again.png", loads,
+                                 cell_size=(8, 2))
+    np.testing.assert_array_equal(pixels, expected)
+    # save_heatmap draws the same on demand.
+    image = trained["monitor"].save_heatmap(trained["out"] / "demand.png")
+    np.testing.assert_array_equal(image, expected)
+
+
+def test_hierarchical_layer_every_other_batch(tmp_path):
+    layer = keras_moe.HierarchicalMixtureOfExperts(
+        3, 2, k=1, group_k=1, name="hmoe", noisy_gating=False,
+        gate_initializer=keras.initializers.RandomNormal(seed=2))
+    model = _model(layer)
+    x, y = _data()
+    monitor = RoutingMonitor(log_dir=tmp_path, update_freq=2)
+    model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False,
+              verbose=0, callbacks=[monitor])
+    expected = _expected_per_batch(layer, x)[1::2]
+    events = _read_events(str(tmp_path))
+    assert [step for step, _ in events["hmoe/load"]] == [2, 4, 6]
+    assert "hmoe/load/expert_0" not in events   # per_expert_scalars off
+    history = monitor.history["hmoe"]
+    np.testing.assert_array_equal(history["step"], [2, 4, 6])
+    assert history["load"].shape == (3, 6)   # [records, groups * experts]
+    np.testing.assert_allclose(history["load"],
+                               [batch[0] for batch in expected], rtol=1e-5)
+    for (_, value), batch in zip(events["hmoe/load"], expected):
+        assert value.histo.num == 6
+        np.testing.assert_allclose(value.histo.sum, batch[0].sum(), rtol=1e-5)
+
+
+def test_load_is_global_under_mirrored_strategy(tmp_path):
+    x, y = _data()
+    reference_layer = _flat_layer()
+    reference = _model(reference_layer)
+    expected = _expected_per_batch(reference_layer, x)[:NUM_BATCHES]
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = _model(_flat_layer())
+    model.set_weights(reference.get_weights())
+    monitor = RoutingMonitor(log_dir=tmp_path)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+              callbacks=[monitor])
+    history = monitor.history["moe"]
+    np.testing.assert_array_equal(history["step"], [1, 2, 3])
+    # The global batch's load (both replicas' tokens), not one replica's.
+    np.testing.assert_allclose(history["load"],
+                               [batch[0] for batch in expected], rtol=1e-5)
+    np.testing.assert_allclose(history["load"].sum(axis=1), 2 * BATCH)
+    events = _read_events(str(tmp_path))
+    assert [step for step, _ in events["moe/load"]] == [1, 2, 3]
+
+
+def test_heatmap_encodes_a_hand_built_load_matrix(tmp_path):
+    # [steps, experts]; the mean load of every step is 2.
+    load = np.array([[2.0, 2.0, 2.0, 2.0],     # balanced
+                     [8.0, 0.0, 0.0, 0.0],     # all on expert 0
+                     [1.0, 3.0, 4.0, 0.0],
+                     [0.0, 0.0, 0.0, 0.0]])    # nothing routed
+    path = tmp_path / "gray.png"
+    image = save_load_heatmap(path, load, colormap="gray", cell_size=(1, 1))
+    width, height, color_type, pixels = _decode_png(path.read_bytes())
+    assert (width, height, color_type) == (4, 4, 0)
+    expected = [[128, 255, 64, 0],     # expert 0 over the 4 steps
+                [128, 0, 191, 0],
+                [128, 0, 255, 0],
+                [128, 0, 0, 0]]
+    np.testing.assert_array_equal(pixels, expected)
+    np.testing.assert_array_equal(image, expected)
+
+    # vmax moves the top of the scale: vmax=4, load/mean = 4 -> 255.
+    image = save_load_heatmap(tmp_path / "vmax.png", load, vmax=4.0,
+                              colormap="gray", cell_size=(1, 1))
+    np.testing.assert_array_equal(image[:, 1], [255, 0, 0, 0])
+    np.testing.assert_array_equal(image[:, 0], [64, 64, 64, 64])
+
+    # coolwarm, 3 x 2 pixel cells.
+    path = tmp_path / "color.png"
+    save_load_heatmap(path, load, cell_size=(3, 2))
+    width, height, color_type, pixels = _decode_png(path.read_bytes())
+    assert (width, height, color_type) == (4 * 2, 4 * 3, 2)
+    cells = pixels[::3, ::2]
+    np.testing.assert_array_equal(np.repeat(np.repeat(cells, 3, 0), 2, 1),
+                                  pixels)
+    assert all(tuple(cells[i, 0]) == FAIR for i in range(4))
+    assert tuple(cells[0, 1]) == WARM and tuple(cells[1, 1]) == COOL
+    assert tuple(cells[0, 3]) == COOL
+    # 1/2 of a fair share: halfway between the cool and the fair colours.
+    np.testing.assert_array_equal(
+        cells[0, 2], np.round((np.array(COOL) + FAIR) / 2))
+
+
+def test_heatmap_stacks_layers_and_averages_steps(tmp_path):
+    a = np.array([[1.0, 1.0], [2.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    b = np.array([[3.0, 0.0, 0.0]] * 4)
+    image = save_load_heatmap(tmp_path / "two.png", [a, b], colormap="gray",
+                              cell_size=(1, 1))
+    assert image.shape == (2 + callbacks.SEPARATOR_HEIGHT + 3, 4)
+    np.testing.assert_array_equal(image[:2], [[128, 255, 0, 128],
+                                              [128, 0, 255, 128]])
+    np.testing.assert_array_equal(image[2:4], 0)   # the separator
+    np.testing.assert_array_equal(image[4:], [[255] * 4, [0] * 4, [0] * 4])
+    # 4 steps drawn as 2 columns: relative loads averaged over pairs.
+    image = save_load_heatmap(tmp_path / "avg.png", a, colormap="gray",
+                              cell_size=(1, 1), max_steps=2)
+    np.testing.assert_array_equal(image, [[191, 64], [64, 191]])
+
+
+def test_encode_png_rejects_bad_pixels():
+    with pytest.raises(ValueError, match="pixels"):
+        callbacks.encode_png(np.zeros((2, 2), np.float32))
+    with pytest.raises(ValueError, match="pixels"):
+        callbacks.encode_png(np.zeros((2, 2, 4), np.uint8))
+
+
+@pytest.mark.parametrize("update_freq", [0, -1, 1.5, True, "epoch", None])
+def test_bad_update_freq(update_freq):
+    with pytest.raises(ValueError, match="update_freq"):
+        RoutingMonitor(update_freq=update_freq)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"log_dir": 3}, "log_dir"),
+        ({"log_dir": ""}, "log_dir"),
+        ({"heatmap_path": ["a.png"]}, "heatmap_path"),
+        ({"layers": []}, "layers"),
+        ({"layers": [3]}, "layers"),
+        ({"per_expert_scalars": "yes"}, "per_expert_scalars"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RoutingMonitor(**kwargs)
+
+
+def _fit_with(model, monitor):
+    x, y = _data()
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0,
+              callbacks=[monitor])
+
+
+def test_model_without_moe_layer():
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs), name="dense")
+    model.compile("sgd", "mse")
+    with pytest.raises(ValueError, match="no MixtureOfExperts or "
+                       "HierarchicalMixtureOfExperts layer"):
+        _fit_with(model, RoutingMonitor())
+
+
+def test_layers_without_routing_metrics():
+    model = _model(_flat_layer(routing_metrics=False))
+    with pytest.raises(ValueError, match="routing_metrics=False"):
+        _fit_with(model, RoutingMonitor())
+    with pytest.raises(ValueError, match="routing_metrics=False"):
+        _fit_with(model, RoutingMonitor(layers=["moe"]))
+
+
+@pytest.mark.parametrize("layers, match", [
+    (["nope"], "'nope', which is not a layer"),
+    (["head"], "not a MixtureOfExperts"),
+    ([keras_moe.MixtureOfExperts(2, k=1, name="other")], "not a layer of"),
+])
+def test_layers_naming_no_moe_layer_of_the_model(layers, match):
+    model = _model(_flat_layer())
+    with pytest.raises(ValueError, match=match):
+        _fit_with(model, RoutingMonitor(layers=layers))
+
+
+def test_layers_by_name_or_instance():
+    layer = _flat_layer()
+    model = _model(layer)
+    for layers in (["moe"], "moe", [layer]):
+        monitor = RoutingMonitor(layers=layers)
+        monitor.set_model(model)
+        assert monitor.monitored_layers == [layer]
+
+
+def test_save_heatmap_errors(tmp_path):
+    monitor = RoutingMonitor()
+    with pytest.raises(ValueError, match="recorded nothing"):
+        monitor.save_heatmap(tmp_path / "x.png")
+    with pytest.raises(ValueError, match="vmax"):
+        save_load_heatmap(tmp_path / "x.png", [[1.0]], vmax=0)
+    with pytest.raises(ValueError, match="colormap"):
+        save_load_heatmap(tmp_path / "x.png", [[1.0]], colormap="jet")
+    with pytest.raises(ValueError, match="cell_size"):
+        save_load_heatmap(tmp_path / "x.png", [[1.0]], cell_size=(0, 1))
+    with pytest.raises(ValueError, match="max_steps"):
+        save_load_heatmap(tmp_path / "x.png", [[1.0]], max_steps=0)
+    with pytest.raises(ValueError, match="finite loads >= 0"):
+        save_load_heatmap(tmp_path / "x.png", [[1.0, -1.0]])
+    with pytest.raises(ValueError, match="2-D"):
+        save_load_heatmap(tmp_path / "x.png", [1.0, 2.0])
+    with pytest.raises(ValueError, match="same number of steps"):
+        save_load_heatmap(tmp_path / "x.png",
+                          [np.ones((2, 3)), np.ones((3, 3))])
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_docstring_examples():
+    result = doctest.testmod(callbacks, extraglobs={"np": np},
+                             optionflags=doctest.ELLIPSIS, verbose=False)
+    assert result.attempted > 0
+    assert result.failed == 0
