@@ -144,5 +144,6 @@ def test_aux_loss_is_part_of_the_compiled_loss():
                  + _cv_squared(routing["load"]))
     assert aux > 1e-3
 
-    evaluated = model.evaluate(x, y, batch_size=64, verbose=0)
+    evaluated = model.evaluate(x, y, batch_size=64, verbose=0,
+                               return_dict=True)["loss"]
     np.testing.assert_allclose(evaluated, mse + aux, rtol=1e-5)

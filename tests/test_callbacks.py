@@ -16,6 +16,7 @@ import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
 import keras_moe
+from strategies import mirrored
 from keras_moe import callbacks
 from keras_moe.callbacks import RoutingMonitor, save_load_heatmap
 
@@ -205,7 +206,7 @@ def test_load_is_global_under_mirrored_strategy(tmp_path):
     reference_layer = _flat_layer()
     reference = _model(reference_layer)
     expected = _expected_per_batch(reference_layer, x)[:NUM_BATCHES]
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored(2)
     with strategy.scope():
         model = _model(_flat_layer())
     model.set_weights(reference.get_weights())

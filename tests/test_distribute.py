@@ -13,35 +13,13 @@ import pytest
 import tensorflow as tf
 
 import keras_moe
+from strategies import mirrored
 
 D = 6
 GLOBAL_BATCH = 16
 LEARNING_RATE = 0.1
 TOLERANCE = 1e-6
 
-_STRATEGIES = {}
-
-
-def mirrored(num_replicas):
-    """One MirroredStrategy per replica count over `/cpu:0..n-1`.
-
-    On CPUs MirroredStrategy all-reduces with collective ops, and every
-    instance numbers its collective groups from the same key: two
-    strategies over different device sets in one process collide ("joining
-    a group with size 4, but that group has size 2"). MirroredStrategy's
-    class attribute `_collective_key_base` ("Only set this in tests")
-    gives each its own keys.
-    """
-    if num_replicas not in _STRATEGIES:
-        strategy_class = type(
-            f"MirroredStrategy{num_replicas}",
-            (tf.distribute.MirroredStrategy,),
-            {"_collective_key_base": 1000 * num_replicas},
-        )
-        _STRATEGIES[num_replicas] = strategy_class(
-            [f"/cpu:{i}" for i in range(num_replicas)]
-        )
-    return _STRATEGIES[num_replicas]
 
 
 def _scope(strategy):

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from keras_moe import embedding as embedding_module
 from keras_moe.embedding import ShardedEmbedding, shard_rows
+from strategies import mirrored
 
 
 def _load_oracle_harness():
@@ -270,7 +271,7 @@ def test_shard_devices():
 
 
 def test_mirrored_strategy_is_a_plain_layer():
-    strategy = tf.distribute.MirroredStrategy(["/CPU:0", "/CPU:1"])
+    strategy = mirrored(2)
     with strategy.scope():
         layer = ShardedEmbedding(10, 3, 3)
         layer.build()

@@ -44,6 +44,7 @@ import sys
 import threading
 
 import pytest
+from strategies import mirrored
 
 
 def _load_harness():
@@ -83,7 +84,9 @@ KILLED_TASK = 0  # the chief, which writes the checkpoints (1 passes too)
 @functools.lru_cache(maxsize=None)
 def _fit_reference():
     return harness.model_weights(
-        common.run_fit_reference(EPOCHS, STEPS_PER_EPOCH)
+        # The test process's shared strategy: a second MirroredStrategy
+        # over the same devices would collide with it (tests/strategies.py).
+        common.run_fit_reference(EPOCHS, STEPS_PER_EPOCH, mirrored(2))
     )
 
 

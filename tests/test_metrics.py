@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 import keras_moe
+from strategies import mirrored
 
 KEYS = ("aux_loss", "importance_cv2", "load_cv2", "max_overload")
 
@@ -70,7 +71,7 @@ def test_metrics_are_global_under_mirrored_strategy():
     x, y = _data()
     reference_model, reference_layer = _model()
     expected = _expected(reference_layer, x)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored(2)
     with strategy.scope():
         model, _ = _model()
     model.set_weights(reference_model.get_weights())

@@ -65,7 +65,10 @@ def test_dtypes_of_variables_outputs_and_routing(
     # Variables: float32, the gating ones and the experts' alike.
     variables = [layer.gating.gate_kernel, layer.gating.noise_kernel,
                  *layer.experts.kernels]
-    assert len(layer.weights) == len(variables) == 4
+    assert len(layer.trainable_weights) == len(variables) == 4
+    # The last batch's statistics (for callbacks) are float32 too.
+    variables += [layer.last_importance, layer.last_load]
+    assert len(layer.weights) == len(variables)
     for variable in variables:
         assert variable.dtype == "float32", variable.path
 

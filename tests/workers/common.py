@@ -260,10 +260,8 @@ def run_custom_loop(num_steps):
     return model
 
 
-def run_fit_reference(epochs, steps_per_epoch):
+def run_fit_reference(epochs, steps_per_epoch, strategy):
     """The reference for the BackupAndRestore tests: the same `fit` under
-    `MirroredStrategy` over `/cpu:0` and `/cpu:1`, uninterrupted and without
-    any callback. Returns the model."""
-    import tensorflow as tf
-
-    return fit_model(make_mirrored_strategy(tf, 2), epochs, steps_per_epoch)
+    `strategy` (a `MirroredStrategy` over `/cpu:0` and `/cpu:1`),
+    uninterrupted and without any callback. Returns the model."""
+    return fit_model(strategy, epochs, steps_per_epoch)
