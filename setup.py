@@ -20,8 +20,8 @@ setup(
     python_requires=">=3.9",
     install_requires=["tensorflow>=2.16", "keras>=3.0", "numpy"],
     extras_require={
-        "test": ["pytest", "hypothesis"],
-        "examples": [],
+        "test": ["pytest", "hypothesis", "pytest-xdist"],
+        "examples": ["matplotlib"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
