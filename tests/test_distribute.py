@@ -140,8 +140,9 @@ def _gating_paths(model):
 
 @pytest.mark.parametrize(
     "make_moe, num_replicas",
-    [(_flat_moe, 2), (_flat_moe, 4), (_hierarchical_moe, 2)],
-    ids=["flat-2", "flat-4", "hierarchical-2"],
+    [(_flat_moe, 2), (_flat_moe, 4), (_hierarchical_moe, 2),
+     (_hierarchical_moe, 4)],
+    ids=["flat-2", "flat-4", "hierarchical-2", "hierarchical-4"],
 )
 def test_fit_step_is_replica_invariant(make_moe, num_replicas):
     single, _ = _cached_fit_step(make_moe)
