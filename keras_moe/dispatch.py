@@ -32,13 +32,7 @@ class SparseDispatcher:
     """
 
     def __init__(self, num_experts, gates):
-        self._num_experts = validation.check_int("num_experts", num_experts, 1)
-        gates = validation.check_float_tensor("gates", gates)
-        if gates.shape.rank != 2 or gates.shape[1] not in (None, num_experts):
-            raise ValueError(
-                f"`gates` must have shape [batch, num_experts={num_experts}]. "
-                f"Received: gates.shape={gates.shape}"
-            )
+        self._num_experts, gates = _check_gates(num_experts, gates)
         self._gates = gates
         # Sorted by expert, then by row: expert i's rows are contiguous.
         where = tf.cast(tf.where(tf.transpose(gates) > 0), tf.int32)
@@ -184,13 +178,7 @@ class CapacityDispatcher:
     """
 
     def __init__(self, num_experts, gates, k, capacity):
-        self._num_experts = validation.check_int("num_experts", num_experts, 1)
-        gates = validation.check_float_tensor("gates", gates)
-        if gates.shape.rank != 2 or gates.shape[1] not in (None, num_experts):
-            raise ValueError(
-                f"`gates` must have shape [batch, num_experts={num_experts}]. "
-                f"Received: gates.shape={gates.shape}"
-            )
+        self._num_experts, gates = _check_gates(num_experts, gates)
         k = validation.check_int("k", k, 1, num_experts)
         if isinstance(capacity, int):
             validation.check_int("capacity", capacity, 1)
@@ -285,3 +273,16 @@ class CapacityDispatcher:
                               tf.ones([gathered.shape.rank - 2], tf.int32)], 0)
         )
         return tf.reduce_sum(gathered * gates, axis=1)
+
+
+def _check_gates(num_experts, gates):
+    """`(num_experts, gates)` checked: an int >= 1 and a float
+    `[batch, num_experts]` tensor."""
+    num_experts = validation.check_int("num_experts", num_experts, 1)
+    gates = validation.check_float_tensor("gates", gates)
+    if gates.shape.rank != 2 or gates.shape[1] not in (None, num_experts):
+        raise ValueError(
+            f"`gates` must have shape [batch, num_experts={num_experts}]. "
+            f"Received: gates.shape={gates.shape}"
+        )
+    return num_experts, gates

@@ -421,6 +421,7 @@ class MixtureOfExperts(_SparseMixtureBase):
     >>> len(moe.losses)
     1
     """
+
     def __init__(
         self,
         num_experts,
