@@ -1,0 +1,1512 @@
+#!/usr/bin/env python
+"""Benchmark of keras_moe's MixtureOfExperts against the original, a peer,
+an oracle and the machine's roofline (issue 5).
+
+Everything is timed in one run, inside `tf.function`, with 2 intra-op and 2
+inter-op threads, after a warm-up, as the median over repetitions. The
+methods of one configuration are timed round-robin (one sample of each in
+turn), so a change of the machine's load hits all of them alike.
+
+Methods (all with the same weights, inputs and routing):
+  sparse        MixtureOfExperts(dispatch="sparse"), the exact dispatch
+  capacity      MixtureOfExperts(dispatch="capacity", capacity_factor=1.25,
+                eval_capacity_factor=2.0) under tf.function
+  capacity_xla  the same layer under tf.function(jit_compile=True)
+  original      the original LocalMixtureOfExperts, tf.compat.v1 graph and
+                Session (intra/inter-op 2), in a separate process
+  dense_all     the peer: every expert on every token (einsum over all
+                experts, weighted by the gates)
+  oracle        one dense FFN of the expert's shape (d -> hidden -> d, relu,
+                no bias) on one contiguous [tokens * k, d] batch
+
+Modes: train_fwd and train_fwd_bwd (training mode; the backward pass takes
+the gradients of all weights of loss = sum(y**2) + aux loss) and infer_fwd
+(inference mode). The oracle has no modes: its forward serves train_fwd and
+infer_fwd, its forward + backward (gradients of both kernels) train_fwd_bwd.
+
+Ratios:
+  R_oracle    time / oracle time (same mode)
+  R_roofline  time / max(useful FLOPs / GEMM rate,
+                         expert-weight bytes / read bandwidth)
+              useful FLOPs: forward 4 * tokens * k * d * hidden (the
+              oracle's); forward + backward 2.5x that (the backward needs 3
+              GEMMs of the forward's 2: dW2, dh, dW1; no input gradient).
+              Weight bytes: the active experts' (those that receive a token)
+              kernels, read once forward; forward + backward 2.5x (W1, W2
+              read forward, W2 read for dh, dW1 and dW2 written).
+              GEMM rate: a large square float32 matmul; read bandwidth: a
+              reduce_sum over a large array; both measured in this run
+              (before and after the configurations; the higher is used).
+  vs_original time / the original's time (same mode)
+
+Memory: at the large configuration, a forward + backward step of each of
+sparse, capacity, capacity_xla, oracle and original, each in its own
+process (forked before TensorFlow starts its runtime): after building, a
+first step; then the peak-RSS mark is reset (/proc/self/clear_refs) and
+`ru_maxrss` after a second step minus the RSS before it is the step's peak
+memory. glibc's dynamic mmap threshold is pinned (mallopt) so freed large
+tensors leave the RSS. Where the mark cannot be reset, the first step's
+`ru_maxrss` delta is used.
+
+Scaling: tokens, d, hidden and k fixed; forward + backward over 4, 16, 64
+and 256 experts for sparse, capacity, capacity_xla and original; prints
+cost(256) / cost(16).
+
+Usage:
+  python benchmarks/bench_moe.py [--quick] [--json PATH] [--markdown PATH]
+                                 [--configs large,serving,scaling,memory]
+                                 [--original PATH]
+
+Progress goes to stderr, one line per configuration; the JSON goes to --json
+(or stdout) and a markdown table to stdout (and --markdown). The targets of
+issue 5 are printed with whether each is met, as information only.
+"""
+
+import argparse
+import collections
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import traceback
+import zlib
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["KERAS_BACKEND"] = "tensorflow"
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import numpy as np  # noqa: E402
+
+THREADS = 2
+LOSS_COEF = 1e-2
+CAPACITY_FACTOR = 1.25
+EVAL_CAPACITY_FACTOR = 2.0
+
+METHODS = ("sparse", "capacity", "capacity_xla", "original", "dense_all",
+           "oracle")
+OURS = ("sparse", "capacity", "capacity_xla")
+MODES = ("train_fwd", "train_fwd_bwd", "infer_fwd")
+MODE_LABELS = {"train_fwd": "train fwd", "train_fwd_bwd": "train fwd+bwd",
+               "infer_fwd": "infer fwd"}
+
+# name: (tokens, d, hidden, experts, k, modes)
+CONFIGS = collections.OrderedDict([
+    ("large", (8192, 512, 2048, 16, 2, MODES)),
+    ("small-batch", (256, 512, 2048, 64, 2, MODES)),
+    ("many-experts", (2048, 256, 1024, 256, 2, MODES)),
+    ("serving", (32, 512, 2048, 64, 2, ("infer_fwd",))),
+])
+# --quick: d / 4, hidden / 4, tokens / 8 to / 32, experts / 2 to / 4 (the
+# XLA compile time grows with tokens and the trace time with experts).
+QUICK_CONFIGS = collections.OrderedDict([
+    ("large", (256, 128, 512, 16, 2, MODES)),
+    ("small-batch", (32, 128, 512, 32, 2, MODES)),
+    ("many-experts", (128, 64, 256, 64, 2, MODES)),
+    ("serving", (4, 128, 512, 32, 2, ("infer_fwd",))),
+])
+# cost_ratio = cost(ratio[0] experts) / cost(ratio[1] experts).
+SCALING = dict(tokens=2048, d=256, hidden=1024, k=2,
+               experts=(4, 16, 64, 256), ratio=(256, 16))
+QUICK_SCALING = dict(tokens=128, d=64, hidden=256, k=2,
+                     experts=(2, 4, 16, 64), ratio=(64, 4))
+SCALING_METHODS = ("sparse", "capacity", "capacity_xla", "original")
+MEMORY_CONFIG = "large"
+MEMORY_METHODS = ("sparse", "capacity", "capacity_xla", "oracle", "original")
+
+# Timing plans: warm-up calls, the shortest sample (calls are batched to
+# reach it), the time budget of one method's samples, repetitions.
+FULL_PLAN = dict(warmup=2, min_sample_s=0.05, budget_s=8.0, min_reps=3,
+                 max_reps=15, slow_s=15.0, slow_reps=2,
+                 gemm_n=2048, read_mib=256, rate_reps=7)
+QUICK_PLAN = dict(warmup=2, min_sample_s=0.01, budget_s=0.25, min_reps=2,
+                  max_reps=4, slow_s=5.0, slow_reps=2,
+                  gemm_n=768, read_mib=64, rate_reps=3)
+# The dense peer keeps [tokens, experts, hidden] float32 intermediates;
+# skipped above this size.
+DENSE_MAX_BYTES = 3 << 30
+
+
+def log(msg):
+    print("[bench_moe %6.1fs] %s" % (time.time() - _T0, msg), file=sys.stderr,
+          flush=True)
+
+
+_T0 = time.time()
+
+
+def shape_dict(tokens, d, hidden, experts, k):
+    return dict(tokens=tokens, d=d, hidden=hidden, experts=experts, k=k)
+
+
+def config_seed(name):
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def make_data(shape, seed):
+    """Inputs and weights of a configuration (float32 numpy), the same in
+    every process: x [T, d], gate and noise kernels [d, E] (N(0, 1/d):
+    logits of unit scale, balanced random routing), expert kernels
+    [E, d, h] and [E, h, d] (Glorot uniform) and the oracle's input
+    [T * k, d]."""
+    rng = np.random.default_rng(seed)
+    t, d, h, e, k = (shape[key] for key in ("tokens", "d", "hidden",
+                                            "experts", "k"))
+    f32 = np.float32
+
+    def uniform(size, limit):
+        a = rng.random(size, dtype=f32)
+        a *= 2 * limit
+        a -= limit
+        return a
+
+    limit = math.sqrt(6.0 / (d + h))
+    data = {
+        "x": rng.standard_normal((t, d), dtype=f32),
+        "gate_kernel": rng.standard_normal((d, e), dtype=f32) / f32(
+            math.sqrt(d)),
+        "noise_kernel": rng.standard_normal((d, e), dtype=f32) / f32(
+            math.sqrt(d)),
+        "kernel_0": uniform((e, d, h), limit),
+        "kernel_1": uniform((e, h, d), limit),
+        "oracle_x": rng.standard_normal((t * k, d), dtype=f32),
+    }
+    return data
+
+
+# ---------------------------------------------------------------------------
+# Machine description.
+# ---------------------------------------------------------------------------
+
+
+def load_average():
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def machine_info():
+    info = {"nproc": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    info["mem_total_gib"] = round(
+                        int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    try:
+        info["affinity_cpus"] = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        pass
+    return info
+
+
+# ---------------------------------------------------------------------------
+# Our layers, the peer and the oracle (in this process).
+# ---------------------------------------------------------------------------
+
+
+def build_ours(shape, data, dispatch):
+    import keras_moe
+
+    layer = keras_moe.MixtureOfExperts(
+        shape["experts"], k=shape["k"], hidden_sizes=(shape["hidden"],),
+        loss_coef=LOSS_COEF, dispatch=dispatch,
+        capacity_factor=CAPACITY_FACTOR,
+        eval_capacity_factor=EVAL_CAPACITY_FACTOR, seed=1,
+    )
+    layer.build((None, shape["d"]))
+    layer.gating.gate_kernel.assign(data["gate_kernel"])
+    layer.gating.noise_kernel.assign(data["noise_kernel"])
+    layer.experts.kernels[0].assign(data["kernel_0"])
+    layer.experts.kernels[1].assign(data["kernel_1"])
+    return layer
+
+
+def ours_functions(layer, jit_compile=False):
+    """{mode: tf.function(x)} for one of our layers."""
+    import tensorflow as tf
+
+    def forward(x, training):
+        y = layer(x, training=training)
+        aux = tf.add_n(layer.losses)
+        return y, aux
+
+    def train_fwd(x):
+        return forward(x, True)
+
+    def train_fwd_bwd(x):
+        with tf.GradientTape() as tape:
+            y, aux = forward(x, True)
+            loss = tf.reduce_sum(tf.square(y)) + aux
+        return tape.gradient(loss, layer.trainable_weights)
+
+    def infer_fwd(x):
+        return forward(x, False)
+
+    return {name: tf.function(fn, jit_compile=jit_compile)
+            for name, fn in (("train_fwd", train_fwd),
+                             ("train_fwd_bwd", train_fwd_bwd),
+                             ("infer_fwd", infer_fwd))}
+
+
+def dense_functions(layer, shape):
+    """The peer, "every expert on every token": the gates of `layer`'s gating
+    network weight the outputs of all experts (`layer`'s kernels) run on
+    every token with einsum, [tokens, experts, hidden] intermediates."""
+    import tensorflow as tf
+    import keras_moe
+
+    scale = (shape["hidden"] / shape["d"]) ** -0.5  # the experts' autoscale
+    w1, w2 = layer.experts.kernels
+    weights = [layer.gating.gate_kernel, layer.gating.noise_kernel, w1, w2]
+
+    def forward(x, training):
+        gates, load = layer.gating(x, training=training)
+        h = tf.nn.relu(tf.einsum("td,edh->teh", x, w1.value))
+        o = tf.einsum("teh,ehd->ted", h, w2.value)
+        y = tf.einsum("ted,te->td", o, gates * scale)
+        aux = LOSS_COEF * (keras_moe.cv_squared(tf.reduce_sum(gates, 0))
+                           + keras_moe.cv_squared(load))
+        return y, aux
+
+    def train_fwd(x):
+        return forward(x, True)
+
+    def train_fwd_bwd(x):
+        with tf.GradientTape() as tape:
+            y, aux = forward(x, True)
+            loss = tf.reduce_sum(tf.square(y)) + aux
+        return tape.gradient(loss, weights)
+
+    def infer_fwd(x):
+        return forward(x, False)
+
+    return {name: tf.function(fn)
+            for name, fn in (("train_fwd", train_fwd),
+                             ("train_fwd_bwd", train_fwd_bwd),
+                             ("infer_fwd", infer_fwd))}
+
+
+def oracle_functions(shape, data):
+    """The oracle: relu(x @ W1) @ W2 on x [tokens * k, d]; its forward for
+    every forward mode, the gradients of W1 and W2 for train_fwd_bwd."""
+    import tensorflow as tf
+
+    w1 = tf.Variable(data["kernel_0"][0])
+    w2 = tf.Variable(data["kernel_1"][0])
+
+    def fwd(x):
+        return tf.matmul(tf.nn.relu(tf.matmul(x, w1)), w2)
+
+    def fwd_bwd(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(fwd(x)))
+        return tape.gradient(loss, [w1, w2])
+
+    f, fb = tf.function(fwd), tf.function(fwd_bwd)
+    return {"train_fwd": f, "train_fwd_bwd": fb, "infer_fwd": f}, (w1, w2)
+
+
+# ---------------------------------------------------------------------------
+# The original, in a worker process (forked before TensorFlow's runtime
+# starts), driven by JSON lines over pipes.
+# ---------------------------------------------------------------------------
+
+
+def build_original_graph(module, shape, data):
+    """The original LocalMixtureOfExperts on `data` in a new v1 graph and
+    Session. Returns (session, train placeholder, fetches by mode, y)."""
+    import tensorflow as tf
+    from tensorflow.core.protobuf import rewriter_config_pb2
+    from tests import oracle
+
+    v1 = tf.compat.v1
+    graph = v1.Graph()
+    with graph.as_default():
+        config = dict(d=shape["d"], n1=shape["experts"], n2=None,
+                      k=shape["k"], group_k=None, hidden=(shape["hidden"],),
+                      output_dim=None, autoscale=True, noisy=True,
+                      noise_epsilon=1e-2)
+        moe, wvars = oracle.build_original_moe(module, "local", config,
+                                               name="moe")
+        x_ph = v1.placeholder(tf.float32, data["x"].shape)
+        x = v1.get_variable("bench_x", data["x"].shape, tf.float32,
+                            v1.zeros_initializer(), trainable=False)
+        train = v1.placeholder(tf.bool, [], name="train")
+        y, importance, load, _, _ = moe.Eval(x, train)
+        aux = LOSS_COEF * (module.CVSquared(importance)
+                           + module.CVSquared(load))
+        loss = tf.reduce_sum(tf.square(y)) + aux
+        grads = v1.gradients(loss, moe.vars)
+        grad_ts = []
+        for g in grads:
+            if g is None:
+                continue
+            if isinstance(g, tf.IndexedSlices):
+                grad_ts += [g.values, g.indices]
+            else:
+                grad_ts.append(g)
+        fwd = tf.group(y, aux)
+        fetches = {"train_fwd": fwd, "train_fwd_bwd": tf.group(*grad_ts),
+                   "infer_fwd": fwd}
+        data_w = {"primary_gate_kernel": data["gate_kernel"],
+                  "primary_noise_kernel": data["noise_kernel"],
+                  "kernel_0": data["kernel_0"], "kernel_1": data["kernel_1"]}
+        assigns, feeds = oracle.assign_original_weights(
+            wvars, data_w, sorted(wvars))
+        assigns.append(v1.assign(x, x_ph))
+        feeds[x_ph] = data["x"]
+        init = v1.global_variables_initializer()
+        check = tf.reduce_sum(tf.abs(y))
+    config = v1.ConfigProto(intra_op_parallelism_threads=THREADS,
+                            inter_op_parallelism_threads=THREADS)
+    # Grappler's dependency optimizer would drop the control dependencies
+    # of the fetched tf.group on stateless ops (nothing would run); the
+    # other graph optimizations stay on, as a TF1 user had them.
+    config.graph_options.rewrite_options.dependency_optimization = (
+        rewriter_config_pb2.RewriterConfig.OFF)
+    sess = v1.Session(graph=graph, config=config)
+    sess.run(init)
+    sess.run(assigns, feeds)
+    del feeds
+    return sess, train, fetches, check
+
+
+def original_worker(path, cmd_fd, out_fd):
+    """Serves {"op": "build"|"time"|"check"|"close"|"exit"} requests."""
+    from tests import oracle
+
+    cmds = os.fdopen(cmd_fd, "r")
+    out = os.fdopen(out_fd, "w")
+    module = oracle.load_original(path)
+    graphs = {}
+
+    def reply(obj):
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    for line in cmds:
+        req = json.loads(line)
+        op = req["op"]
+        try:
+            if op == "exit":
+                break
+            if op == "build":
+                t = time.perf_counter()
+                shape = req["shape"]
+                data = make_data(shape, req["seed"])
+                graphs[req["key"]] = build_original_graph(module, shape, data)
+                del data
+                gc.collect()
+                reply({"ok": True, "build_s": time.perf_counter() - t})
+            elif op == "time":
+                sess, train, fetches, _ = graphs[req["key"]]
+                fetch = fetches[req["mode"]]
+                feed = {train: req["mode"] != "infer_fwd"}
+                t = time.perf_counter()
+                for _ in range(req["n"]):
+                    sess.run(fetch, feed)
+                reply({"ok": True,
+                       "t": (time.perf_counter() - t) / req["n"]})
+            elif op == "check":
+                sess, train, _, check = graphs[req["key"]]
+                reply({"ok": True,
+                       "sum_abs_y": float(sess.run(check, {train: False}))})
+            elif op == "close":
+                entry = graphs.pop(req["key"], None)
+                if entry is not None:
+                    entry[0].close()
+                gc.collect()
+                reply({"ok": True})
+            else:
+                reply({"ok": False, "error": "unknown op %r" % op})
+        except Exception as e:  # reported, the benchmark goes on
+            reply({"ok": False, "error": "%s: %s" % (type(e).__name__, e),
+                   "traceback": traceback.format_exc()})
+    out.close()
+
+
+class OriginalClient(object):
+    """The main process's end of the original's worker process."""
+
+    def __init__(self, path):
+        self.path = path
+        self.error = None
+        cmd_r, cmd_w = os.pipe()
+        out_r, out_w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 0
+            try:
+                os.close(cmd_w)
+                os.close(out_r)
+                original_worker(path, cmd_r, out_w)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(cmd_r)
+        os.close(out_w)
+        self.pid = pid
+        self._cmd = os.fdopen(cmd_w, "w")
+        self._out = os.fdopen(out_r, "r")
+
+    def send(self, **req):
+        if self.error is not None:
+            return {"ok": False, "error": self.error}
+        try:
+            self._cmd.write(json.dumps(req) + "\n")
+            self._cmd.flush()
+        except (BrokenPipeError, OSError) as e:
+            self.error = "worker gone: %s" % e
+            return {"ok": False, "error": self.error}
+        return None
+
+    def receive(self):
+        if self.error is not None:
+            return {"ok": False, "error": self.error}
+        line = self._out.readline()
+        if not line:
+            self.error = "the original's worker process exited"
+            return {"ok": False, "error": self.error}
+        return json.loads(line)
+
+    def request(self, **req):
+        failed = self.send(**req)
+        return failed if failed is not None else self.receive()
+
+    def close(self):
+        if self.error is None:
+            try:
+                self.send(op="exit")
+                self._cmd.close()
+            except OSError:
+                pass
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# Timing.
+# ---------------------------------------------------------------------------
+
+
+class Runnable(object):
+    """One (method, mode) to time: `call(n)` runs it n times and returns the
+    seconds per call."""
+
+    def __init__(self, method, mode, fn=None, args=(), client=None, key=None):
+        self.method, self.mode = method, mode
+        self.fn, self.args = fn, args
+        self.client, self.key = client, key
+        self.samples = []
+        self.first_call_s = None
+        self.inner = 1
+        self.reps = 0
+        self.error = None
+
+    def call(self, n):
+        if self.client is not None:
+            res = self.client.request(op="time", key=self.key,
+                                      mode=self.mode, n=n)
+            if not res.get("ok"):
+                raise RuntimeError(res.get("error"))
+            return res["t"]
+        t = time.perf_counter()
+        for _ in range(n):
+            self.fn(*self.args)
+        return (time.perf_counter() - t) / n
+
+    def result(self):
+        if self.error is not None or not self.samples:
+            return {"median_s": None, "min_s": None, "n": 0,
+                    "inner": self.inner, "first_call_s": self.first_call_s,
+                    "error": self.error or "not measured"}
+        return {"median_s": statistics.median(self.samples),
+                "min_s": min(self.samples), "n": len(self.samples),
+                "inner": self.inner, "first_call_s": self.first_call_s}
+
+
+def measure(runnables, plan):
+    """Warms every runnable up, then takes its samples round-robin."""
+    for r in runnables:
+        try:
+            r.first_call_s = r.call(1)
+            t = r.first_call_s
+            if t < plan["slow_s"]:
+                for _ in range(plan["warmup"] - 1):
+                    t = r.call(1)
+            r.inner = max(1, int(math.ceil(plan["min_sample_s"] / max(t,
+                                                                      1e-9))))
+            if t >= plan["slow_s"]:
+                r.reps = plan["slow_reps"]
+            else:
+                r.reps = int(min(plan["max_reps"], max(
+                    plan["min_reps"],
+                    math.ceil(plan["budget_s"] / (t * r.inner)))))
+        except Exception as e:  # reported in the results
+            r.error = "%s: %s" % (type(e).__name__, e)
+            log("  %s %s failed: %s" % (r.method, r.mode, r.error))
+    live = [r for r in runnables if r.error is None]
+    rounds = max([r.reps for r in live] or [0])
+    for i in range(rounds):
+        order = live[i % len(live):] + live[:i % len(live)]
+        for r in order:
+            if r.error is not None or len(r.samples) >= r.reps:
+                continue
+            try:
+                r.samples.append(r.call(r.inner))
+            except Exception as e:
+                r.error = "%s: %s" % (type(e).__name__, e)
+                log("  %s %s failed: %s" % (r.method, r.mode, r.error))
+
+
+class RateProbes(object):
+    """The machine's rates: a square float32 matmul (GEMM GFLOP/s) and a
+    reduce_sum over a large array (read GB/s), as two Runnables."""
+
+    def __init__(self, plan):
+        import tensorflow as tf
+
+        self.n = n = plan["gemm_n"]
+        self.read_bytes = plan["read_mib"] * 2**20
+        a = tf.random.normal([n, n])
+        b = tf.random.normal([n, n])
+        big = tf.random.uniform([self.read_bytes // 4])
+        matmul = tf.function(lambda a, b: tf.matmul(a, b))
+        reduce = tf.function(lambda v: tf.reduce_sum(v))
+        self.gemm = Runnable("gemm", None, lambda: matmul(a, b).numpy())
+        self.read = Runnable("read", None, lambda: reduce(big).numpy())
+        self.runnables = [self.gemm, self.read]
+
+    def result(self):
+        g, r = self.gemm.result(), self.read.result()
+        flop, nbytes = 2.0 * self.n**3, float(self.read_bytes)
+
+        def rate(amount, t):
+            return amount / t / 1e9 if t else None
+
+        return {"gemm_gflops": rate(flop, g["median_s"]),
+                "gemm_gflops_best": rate(flop, g["min_s"]),
+                "read_gbps": rate(nbytes, r["median_s"]),
+                "read_gbps_best": rate(nbytes, r["min_s"]),
+                "samples": [g["n"], r["n"]]}
+
+
+def measure_rates(plan):
+    """The rates alone (at the start and the end of the run)."""
+    probes = RateProbes(plan)
+    measure(probes.runnables, dict(plan, min_reps=plan["rate_reps"],
+                                   max_reps=plan["rate_reps"]))
+    return probes.result()
+
+
+# ---------------------------------------------------------------------------
+# One configuration.
+# ---------------------------------------------------------------------------
+
+
+def useful_work(shape, active, mode):
+    """(useful FLOPs, expert-weight bytes) of one call in `mode`."""
+    t, d, h, k = shape["tokens"], shape["d"], shape["hidden"], shape["k"]
+    flops = 4.0 * t * k * d * h
+    weight_bytes = 4.0 * active * 2 * d * h
+    if mode == "train_fwd_bwd":
+        flops *= 2.5
+        weight_bytes *= 2.5
+    return flops, weight_bytes
+
+
+def routing_facts(shape, sparse, capacity, data):
+    """Active experts (experts receiving a token) and the capacity
+    dispatch's capacity and dropped fraction, in training and inference."""
+    import tensorflow as tf
+
+    x = tf.constant(data["x"])
+    t, e, k = shape["tokens"], shape["experts"], shape["k"]
+    facts = {}
+    for mode, training in (("train", True), ("infer", False)):
+        _, routing = sparse(x, training=training, return_routing=True)
+        part_sizes = routing["part_sizes"].numpy()
+        facts["active_experts_" + mode] = int((part_sizes > 0).sum())
+        facts["max_tokens_per_expert_" + mode] = int(part_sizes.max())
+        _, routing = capacity(x, training=training, return_routing=True)
+        facts["capacity_dropped_fraction_" + mode] = float(
+            routing["dropped_fraction"])
+        factor = CAPACITY_FACTOR if training else EVAL_CAPACITY_FACTOR
+        facts["capacity_" + mode] = min(t, max(
+            capacity.min_capacity, int(math.ceil(factor * t * k / e))))
+    return facts
+
+
+def run_config(name, shape, modes, plan, client, methods=METHODS,
+               roofline=True):
+    """Times every method in every mode of one configuration (with the
+    machine's rates among them, round-robin, when `roofline`)."""
+    import tensorflow as tf
+
+    t_start = time.time()
+    seed = config_seed(name)
+    key = "%s/%d" % (name, shape["experts"])
+    orig_pending = False
+    if "original" in methods and client is not None:
+        orig_pending = client.send(op="build", key=key, shape=shape,
+                                   seed=seed) is None
+    data = make_data(shape, seed)
+    x = tf.constant(data["x"])
+    oracle_x = tf.constant(data["oracle_x"])
+    out = {"shape": shape, "modes": list(modes)}
+    sparse = build_ours(shape, data, "sparse")
+    capacity = build_ours(shape, data, "capacity")
+    oracle_fns, oracle_vars = oracle_functions(shape, data)
+    dense_bytes = 4 * shape["tokens"] * shape["experts"] * shape["hidden"]
+    fns = {"sparse": ours_functions(sparse),
+           "capacity": ours_functions(capacity),
+           "capacity_xla": ours_functions(capacity, jit_compile=True)}
+    dense_skip = None
+    if "dense_all" in methods:
+        if dense_bytes > DENSE_MAX_BYTES:
+            dense_skip = ("skipped: [tokens, experts, hidden] is %.1f GiB"
+                          % (dense_bytes / 2**30))
+        else:
+            fns["dense_all"] = dense_functions(sparse, shape)
+
+    facts = routing_facts(shape, sparse, capacity, data)
+    out["routing"] = facts
+    # Sanity: every method computes the same function (inference).
+    y_sparse = fns["sparse"]["infer_fwd"](x)[0].numpy()
+    check = {"sum_abs_y_sparse": float(np.abs(y_sparse).sum())}
+    y_cap = fns["capacity"]["infer_fwd"](x)[0].numpy()
+    check["max_abs_diff_capacity_vs_sparse"] = float(
+        np.abs(y_cap - y_sparse).max())
+    if "dense_all" in fns:
+        y_dense = fns["dense_all"]["infer_fwd"](x)[0].numpy()
+        check["max_abs_diff_dense_all_vs_sparse"] = float(
+            np.abs(y_dense - y_sparse).max())
+    else:
+        check["max_abs_diff_dense_all_vs_sparse"] = None
+    check["max_abs_y_sparse"] = float(np.abs(y_sparse).max())
+    del data
+
+    orig_error = None
+    if client is None:
+        orig_error = "original not found: skipped"
+    elif "original" in methods:
+        res = client.receive() if orig_pending else client.request(
+            op="build", key=key, shape=shape, seed=seed)
+        if res.get("ok"):
+            out["original_build_s"] = res["build_s"]
+            res = client.request(op="check", key=key)
+            check["sum_abs_y_original"] = res.get("sum_abs_y")
+        else:
+            orig_error = "original failed: %s" % res.get("error")
+            log("  " + orig_error)
+    check.setdefault("sum_abs_y_original", None)
+    out["check"] = check
+
+    runnables = []
+    for method in methods:
+        for mode in modes:
+            if method in fns:
+                arg = oracle_x if method == "oracle" else x
+                r = Runnable(method, mode, fns[method][mode], (arg,))
+            elif method == "oracle":
+                if mode == "infer_fwd" and "train_fwd" in modes:
+                    continue  # the same function as train_fwd
+                r = Runnable(method, mode, oracle_fns[mode], (oracle_x,))
+            elif method == "original":
+                r = Runnable(method, mode, client=client, key=key)
+                if orig_error is not None:
+                    r.error = orig_error
+            elif method == "dense_all":
+                r = Runnable(method, mode)
+                r.error = dense_skip
+            runnables.append(r)
+    probes = RateProbes(plan) if roofline else None
+    if probes is not None:
+        runnables += probes.runnables
+    t_measure = time.time()
+    measure(runnables, plan)
+    times = {m: {} for m in methods}
+    for r in runnables:
+        if r.method in times:
+            times[r.method][r.mode] = r.result()
+    if "oracle" in methods and "infer_fwd" in modes and "train_fwd" in modes:
+        times["oracle"]["infer_fwd"] = dict(times["oracle"]["train_fwd"])
+    out["times"] = times
+    if client is not None and "original" in methods:
+        client.request(op="close", key=key)
+
+    # Ratios.
+    med = {m: {mode: times[m][mode]["median_s"] for mode in modes}
+           for m in methods}
+
+    def ratio(a, b):
+        return a / b if (a is not None and b) else None
+
+    out["R_oracle"] = {m: {mode: ratio(med[m][mode], med["oracle"][mode])
+                           for mode in modes} for m in methods}
+    out["vs_original"] = {m: {mode: ratio(med[m][mode], med["original"][mode])
+                              for mode in modes} for m in methods}
+    if probes is not None:
+        out["rates"] = probes.result()
+        out["useful_gflop"], out["weight_mb"] = {}, {}
+        out["roofline_s"], out["roofline_bound"] = {}, {}
+        for mode in modes:
+            active = facts["active_experts_" + (
+                "infer" if mode == "infer_fwd" else "train")]
+            flops, wbytes = useful_work(shape, active, mode)
+            t_flop = ratio(flops / 1e9, out["rates"]["gemm_gflops"])
+            t_bytes = ratio(wbytes / 1e9, out["rates"]["read_gbps"])
+            out["useful_gflop"][mode] = flops / 1e9
+            out["weight_mb"][mode] = wbytes / 1e6
+            if t_flop is None or t_bytes is None:
+                out["roofline_s"][mode] = out["roofline_bound"][mode] = None
+                continue
+            out["roofline_s"][mode] = max(t_flop, t_bytes)
+            out["roofline_bound"][mode] = ("compute" if t_flop >= t_bytes
+                                           else "memory")
+        out["R_roofline"] = {
+            m: {mode: ratio(med[m][mode], out["roofline_s"][mode])
+                for mode in modes} for m in methods}
+    out["wall_s"] = time.time() - t_start
+    out["setup_s"] = t_measure - t_start
+    del fns, sparse, capacity, oracle_fns, oracle_vars, runnables, probes
+    gc.collect()
+    return out
+
+
+def run_scaling(spec, plan, client):
+    out = {"shape": {k: spec[k] for k in ("tokens", "d", "hidden", "k")},
+           "experts": list(spec["experts"]), "mode": "train_fwd_bwd",
+           "times": {m: {} for m in SCALING_METHODS + ("oracle",)}}
+    for e in spec["experts"]:
+        shape = shape_dict(spec["tokens"], spec["d"], spec["hidden"], e,
+                           spec["k"])
+        res = run_config_scaling(e, shape, plan, client)
+        for m in res:
+            out["times"][m][str(e)] = res[m]
+        log("scaling: %d experts done (%s)" % (e, ", ".join(
+            "%s %s" % (m, fmt_s(res[m]["median_s"])) for m in res)))
+    hi, lo = spec["ratio"]
+    out["cost_ratio_experts"] = [hi, lo]
+    out["cost_ratio"] = {}
+    for m in SCALING_METHODS + ("oracle",):
+        t = out["times"][m]
+        a = t.get(str(hi), {}).get("median_s")
+        b = t.get(str(lo), {}).get("median_s")
+        out["cost_ratio"][m] = a / b if (a and b) else None
+    return out
+
+
+def run_config_scaling(e, shape, plan, client):
+    """One point of the scaling sweep: forward + backward only."""
+    name = "scaling-%d" % e
+    methods = SCALING_METHODS + ("oracle",)
+    res = run_config(name, shape, ("train_fwd_bwd",), plan, client,
+                     methods=methods, roofline=False)
+    return {m: res["times"][m]["train_fwd_bwd"] for m in methods}
+
+
+# ---------------------------------------------------------------------------
+# Memory (forked children, before this process starts TensorFlow's runtime).
+# ---------------------------------------------------------------------------
+
+
+def _rss_kib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return None
+
+
+def _reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _maxrss_kib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _memory_step(method, shape, original_path):
+    """Builds `method` at `shape`; returns its forward + backward step."""
+    data = make_data(shape, config_seed(MEMORY_CONFIG))
+    if method == "original":
+        from tests import oracle
+
+        module = oracle.load_original(original_path)
+        sess, train, fetches, _ = build_original_graph(module, shape, data)
+
+        def step():
+            sess.run(fetches["train_fwd_bwd"], {train: True})
+
+        return step, sess.close
+    import tensorflow as tf
+
+    if method == "oracle":
+        fns, _ = oracle_functions(shape, data)
+        arg = tf.constant(data["oracle_x"])
+    else:
+        layer = build_ours(shape, data,
+                           "sparse" if method == "sparse" else "capacity")
+        fns = ours_functions(layer, jit_compile=method == "capacity_xla")
+        arg = tf.constant(data["x"])
+    fn = fns["train_fwd_bwd"]
+    fn.get_concrete_function(arg)  # traced (and compiled) before the steps
+
+    def step():
+        fn(arg)
+
+    return step, None
+
+
+def memory_child(methods, shape, original_path):
+    """Peak memory of one forward + backward step of each method, in turn
+    (MB): the peak-RSS mark is reset before a step and `ru_maxrss` after it
+    minus the RSS before it is the step's peak; the first step (which also
+    allocates one-time state) and a second one are measured."""
+    try:  # pin glibc's mmap threshold: freed big tensors leave the RSS
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+    results = {}
+    for method in methods:
+        try:
+            step, close = _memory_step(method, shape, original_path)
+            gc.collect()
+            reset = _reset_peak()
+            rss0, max0 = _rss_kib(), _maxrss_kib()
+            step()
+            cold = _maxrss_kib() - (rss0 if reset else max0)
+            gc.collect()
+            if reset:
+                _reset_peak()
+                rss1 = _rss_kib()
+                step()
+                peak = _maxrss_kib() - rss1
+                how = ("second step: ru_maxrss after - RSS before, peak mark "
+                       "reset (/proc/self/clear_refs)")
+            else:
+                peak = cold
+                how = "first step: ru_maxrss delta (peak mark not resettable)"
+            results[method] = {
+                "peak_delta_mb": peak / 1024.0,
+                "first_step_delta_mb": cold / 1024.0,
+                "rss_before_mb": rss0 / 1024.0, "how": how}
+            if close is not None:
+                close()
+            del step
+            gc.collect()
+        except Exception as e:
+            results[method] = {"peak_delta_mb": None,
+                               "error": "%s: %s" % (type(e).__name__, e)}
+    return results
+
+
+def fork_memory_child(methods, shape, original_path):
+    """Forks a process running memory_child; returns (pid, read end)."""
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            res = memory_child(methods, shape, original_path)
+        except BaseException as e:
+            res = {m: {"peak_delta_mb": None,
+                       "error": "%s: %s" % (type(e).__name__, e)}
+                   for m in methods}
+        with os.fdopen(w, "w") as f:
+            f.write(json.dumps(res))
+        sys.stderr.flush()
+        os._exit(0)
+    os.close(w)
+    return pid, r, methods
+
+
+def join_memory_child(handle):
+    pid, r, methods = handle
+    with os.fdopen(r) as f:
+        text = f.read()
+    _, status = os.waitpid(pid, 0)
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {m: {"peak_delta_mb": None,
+                    "error": "child exited with status %d" % status}
+                for m in methods}
+
+
+def memory_methods(original_path):
+    return [m for m in MEMORY_METHODS
+            if m != "original" or original_path is not None]
+
+
+def memory_results(results, shape, original_path):
+    if original_path is None:
+        results["original"] = {"peak_delta_mb": None,
+                               "error": "original not found: skipped"}
+    oracle_mb = results.get("oracle", {}).get("peak_delta_mb")
+    ratios = {m: (results[m]["peak_delta_mb"] / oracle_mb
+                  if results[m].get("peak_delta_mb") is not None
+                  and oracle_mb else None)
+              for m in MEMORY_METHODS}
+    return {"config": MEMORY_CONFIG, "shape": shape,
+            "methods": {m: results[m] for m in MEMORY_METHODS},
+            "ratio_vs_oracle": ratios}
+
+
+# ---------------------------------------------------------------------------
+# Per-op profile (--profile).
+# ---------------------------------------------------------------------------
+
+
+def profile(name, shape, method, mode, calls, top):
+    """Per-op profile of `calls` calls of one of our methods, from the
+    TensorFlow profiler's trace (op kernels on the executor's threads).
+    Returns a dict; `format_profile` prints it."""
+    import glob
+    import shutil
+    import tempfile
+
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    data = make_data(shape, config_seed(name))
+    layer = build_ours(shape, data,
+                       "sparse" if method == "sparse" else "capacity")
+    fn = ours_functions(layer, jit_compile=method == "capacity_xla")[mode]
+    x = tf.constant(data["x"])
+    del data
+    for _ in range(3):
+        fn(x)
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn(x)
+    unprofiled = (time.perf_counter() - t) / calls
+    logdir = tempfile.mkdtemp(prefix="bench_moe_profile_")
+    try:
+        tf.profiler.experimental.start(logdir)
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn(x)
+        profiled = (time.perf_counter() - t) / calls
+        tf.profiler.experimental.stop()
+        path = sorted(glob.glob(os.path.join(
+            logdir, "plugins", "profile", "*", "*.xplane.pb")))[-1]
+        space = xplane_pb2.XSpace()
+        with open(path, "rb") as f:
+            space.ParseFromString(f.read())
+    finally:
+        shutil.rmtree(logdir, ignore_errors=True)
+    by_type = collections.defaultdict(lambda: [0.0, 0])
+    by_scope = collections.defaultdict(lambda: [0.0, 0])
+    total, count = 0.0, 0
+    for plane in space.planes:
+        if plane.name != "/host:CPU":
+            continue
+        meta = plane.event_metadata
+        for line in plane.lines:
+            if line.name == "python":
+                continue
+            for ev in line.events:
+                op = meta[ev.metadata_id].name
+                if ":" not in op or "::" in op:
+                    continue  # executor bookkeeping, not an op kernel
+                op_name, op_type = op.rsplit(":", 1)
+                seconds = ev.duration_ps * 1e-12
+                parts = op_name.split("/")
+                direction = "bwd"
+                if parts[0] != "gradient_tape":
+                    direction = "fwd"
+                else:
+                    parts = parts[1:]
+                scope = "/".join(p.rstrip("_0123456789") or p
+                                 for p in parts[:3 if len(parts) > 3 else
+                                                len(parts) - 1])
+                by_type[op_type][0] += seconds
+                by_type[op_type][1] += 1
+                by_scope[direction + " " + (scope or "(top)")][0] += seconds
+                by_scope[direction + " " + (scope or "(top)")][1] += 1
+                total += seconds
+                count += 1
+
+    def table(d):
+        rows = sorted(d.items(), key=lambda kv: -kv[1][0])[:top]
+        return [{"name": k, "ms_per_call": v[0] / calls * 1e3,
+                 "ops_per_call": v[1] / calls,
+                 "share": v[0] / total if total else None} for k, v in rows]
+
+    return {"config": name, "shape": shape, "method": method, "mode": mode,
+            "calls": calls, "wall_ms_per_call": unprofiled * 1e3,
+            "profiled_wall_ms_per_call": profiled * 1e3,
+            "op_ms_per_call": total / calls * 1e3,
+            "ops_per_call": count / calls,
+            "by_type": table(by_type), "by_scope": table(by_scope)}
+
+
+def format_profile(p):
+    s = p["shape"]
+    lines = ["## Profile: %s %s, %s (tokens %d, d %d, hidden %d, experts %d, "
+             "k %d)" % (p["method"], MODE_LABELS[p["mode"]], p["config"],
+                        s["tokens"], s["d"], s["hidden"], s["experts"],
+                        s["k"]), "",
+             "Wall %.2f ms per call (%.2f ms while profiled); op kernels "
+             "%.2f ms per call summed over threads, %.0f ops per call." % (
+                 p["wall_ms_per_call"], p["profiled_wall_ms_per_call"],
+                 p["op_ms_per_call"], p["ops_per_call"])]
+    for key, title in (("by_type", "op type"), ("by_scope", "scope")):
+        lines += ["", "| %s | ms/call | ops/call | share |" % title,
+                  "|---|---|---|---|"]
+        for r in p[key]:
+            lines.append("| %s | %.3f | %.0f | %.1f%% |" % (
+                r["name"], r["ms_per_call"], r["ops_per_call"],
+                100 * (r["share"] or 0)))
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Targets and printing.
+# ---------------------------------------------------------------------------
+
+
+def _get(d, *keys):
+    for k in keys:
+        if d is None:
+            return None
+        d = d.get(k)
+    return d
+
+
+def targets(results):
+    cfgs = results["configs"]
+    rows = []
+
+    def add(name, value, limit, note=""):
+        rows.append({"target": name, "value": value, "limit": limit,
+                     "met": None if value is None else bool(value <= limit),
+                     "note": note})
+
+    for cfg, limit in (("large", 1.0), ("small-batch", 0.7),
+                       ("many-experts", 0.7)):
+        add("sparse/original, train fwd+bwd, %s" % cfg,
+            _get(cfgs, cfg, "vs_original", "sparse", "train_fwd_bwd"), limit)
+    add("sparse/original, infer fwd, serving",
+        _get(cfgs, "serving", "vs_original", "sparse", "infer_fwd"), 0.6)
+    for cfg in CONFIGS:
+        mode = "infer_fwd" if cfg == "serving" else "train_fwd_bwd"
+        vals = {m: _get(cfgs, cfg, "R_roofline", m, mode) for m in OURS}
+        vals = {m: v for m, v in vals.items() if v is not None}
+        best = min(vals, key=vals.get) if vals else None
+        add("best dispatch R_roofline, %s, %s" % (MODE_LABELS[mode], cfg),
+            vals.get(best), 1.5, "best: %s" % best if best else "")
+    mem = results.get("memory") or {}
+    for m in ("sparse", "capacity"):
+        add("peak memory %s/oracle, train fwd+bwd, large" % m,
+            _get(mem, "ratio_vs_oracle", m), 1.5)
+    scal = results.get("scaling") or {}
+    hi, lo = scal.get("cost_ratio_experts") or SCALING["ratio"]
+    thi = {m: _get(scal, "times", m, str(hi), "median_s") for m in OURS}
+    thi = {m: v for m, v in thi.items() if v is not None}
+    best = min(thi, key=thi.get) if thi else None
+    add("scaling cost(%d)/cost(%d), best dispatch at %d" % (hi, lo, hi),
+        _get(scal, "cost_ratio", best) if best else None, 2.0,
+        "best: %s" % best if best else "")
+    vals = {m: _get(cfgs, "many-experts", "R_oracle", m, "train_fwd_bwd")
+            for m in ("capacity", "capacity_xla")}
+    vals = {m: v for m, v in vals.items() if v is not None}
+    best = min(vals, key=vals.get) if vals else None
+    add("capacity R_oracle, train fwd+bwd, many-experts", vals.get(best), 2.0,
+        "best: %s" % best if best else "")
+    return rows
+
+
+def fmt_s(t):
+    if t is None:
+        return "—"
+    if t >= 1.0:
+        return "%.2f s" % t
+    if t >= 1e-3:
+        return "%.1f ms" % (t * 1e3)
+    return "%.0f µs" % (t * 1e6)
+
+
+def fmt_r(r, digits=2):
+    return "—" if r is None else ("%.*f" % (digits, r))
+
+
+def _loads(v):
+    return "—" if v is None else "/".join("%.2f" % x for x in v)
+
+
+def markdown(results):
+    meta, rates = results["meta"], results["rates"]
+    lines = []
+    a = lines.append
+    a("# keras_moe benchmark%s" % (" (--quick: scaled-down shapes)"
+                                    if meta["quick"] else ""))
+    a("")
+    m = meta["machine"]
+    a("Machine: %s CPUs (%s), %s GiB; TensorFlow %s, Keras %s, keras_moe %s; "
+      "%d intra-op / %d inter-op threads." % (
+          m.get("nproc"), m.get("cpu_model", "?"), m.get("mem_total_gib"),
+          meta["tensorflow"], meta["keras"], meta["keras_moe"], THREADS,
+          THREADS))
+    a("Load average (1, 5, 15 min) before %s, after %s; wall %.0f s." % (
+        _loads(meta.get("load_before")), _loads(meta.get("load_after")),
+        meta["wall_s"]))
+    if meta.get("xla_flags"):
+        a("XLA_FLAGS=`%s`." % meta["xla_flags"])
+    if meta.get("original") is None:
+        a("")
+        a("**The original was not found: its columns are skipped.**")
+    else:
+        a("Original: `%s`." % meta["original"])
+    a("")
+    a("## Measured rates")
+    a("")
+    a("GEMM: %d² float32 matmul; read: reduce_sum over %d MiB. Each "
+      "configuration's rates are measured round-robin with its methods "
+      "and give its roofline." % (rates["gemm_n"], rates["read_mib"]))
+    a("")
+    a("| when | GEMM GFLOP/s (median / best) | read GB/s (median / best) |")
+    a("|---|---|---|")
+    rows = [("start", rates.get("start"))]
+    rows += [(name, cfg.get("rates"))
+             for name, cfg in results["configs"].items()]
+    rows.append(("end", rates.get("end")))
+    for when, r in rows:
+        if r:
+            a("| %s | %s / %s | %s / %s |" % (
+                when, fmt_r(r["gemm_gflops"], 1),
+                fmt_r(r["gemm_gflops_best"], 1), fmt_r(r["read_gbps"], 1),
+                fmt_r(r["read_gbps_best"], 1)))
+    a("")
+    a("Medians over repetitions; R_oracle = time / oracle time; R_roofline "
+      "= time / roofline; ÷orig = time / the original's time.")
+    for name, cfg in results["configs"].items():
+        s = cfg["shape"]
+        a("")
+        a("## %s: tokens %d, d %d, hidden %d, experts %d, k %d" % (
+            name, s["tokens"], s["d"], s["hidden"], s["experts"], s["k"]))
+        a("")
+        f = cfg["routing"]
+        a("Active experts: train %d, infer %d of %d; capacity train %d / "
+          "infer %d slots, dropped train %.3f / infer %.3f." % (
+              f["active_experts_train"], f["active_experts_infer"],
+              s["experts"], f["capacity_train"], f["capacity_infer"],
+              f["capacity_dropped_fraction_train"],
+              f["capacity_dropped_fraction_infer"]))
+        a("Roofline: " + "; ".join(
+            "%s %s (%.2f GFLOP, %.1f MB weights, %s-bound)" % (
+                MODE_LABELS[mode], fmt_s(cfg["roofline_s"][mode]),
+                cfg["useful_gflop"][mode], cfg["weight_mb"][mode],
+                cfg["roofline_bound"][mode]) for mode in cfg["modes"]) + ".")
+        c = cfg["check"]
+        a("Check (inference): max |y_dense_all - y_sparse| = %s, max "
+          "|y_capacity - y_sparse| = %s (max |y| %s); sum |y| sparse %s, "
+          "original %s." % (
+              fmt_r(c["max_abs_diff_dense_all_vs_sparse"], 6),
+              fmt_r(c["max_abs_diff_capacity_vs_sparse"], 6),
+              fmt_r(c["max_abs_y_sparse"], 3),
+              fmt_r(c["sum_abs_y_sparse"], 2),
+              fmt_r(c["sum_abs_y_original"], 2)))
+        a("")
+        head = "| method |"
+        rule = "|---|"
+        for mode in cfg["modes"]:
+            lab = MODE_LABELS[mode]
+            head += " %s | R_oracle | R_roofline | ÷orig |" % lab
+            rule += "---|---|---|---|"
+        a(head)
+        a(rule)
+        for method in METHODS:
+            row = "| %s |" % method
+            for mode in cfg["modes"]:
+                t = cfg["times"][method][mode]
+                row += " %s | %s | %s | %s |" % (
+                    fmt_s(t["median_s"]) if t["median_s"] is not None else (
+                        "skipped" if t.get("error") else "—"),
+                    fmt_r(cfg["R_oracle"][method][mode]),
+                    fmt_r(cfg["R_roofline"][method][mode]),
+                    fmt_r(cfg["vs_original"][method][mode]))
+            a(row)
+        errors = sorted({"%s: %s" % (m, t["error"])
+                         for m in METHODS for t in cfg["times"][m].values()
+                         if t.get("error")})
+        for e in errors:
+            a("")
+            a("- %s" % e)
+    scal = results.get("scaling")
+    if scal:
+        s = scal["shape"]
+        a("")
+        a("## Scaling: train fwd+bwd, tokens %d, d %d, hidden %d, k %d" % (
+            s["tokens"], s["d"], s["hidden"], s["k"]))
+        a("")
+        a("| method | " + " | ".join("%s experts" % e
+                                     for e in scal["experts"])
+          + " | cost(%d)/cost(%d) |" % tuple(scal["cost_ratio_experts"]))
+        a("|---|" + "---|" * (len(scal["experts"]) + 1))
+        for m in SCALING_METHODS + ("oracle",):
+            a("| %s | %s | %s |" % (m, " | ".join(
+                fmt_s(scal["times"][m][str(e)]["median_s"])
+                for e in scal["experts"]),
+                fmt_r(scal["cost_ratio"].get(m))))
+    mem = results.get("memory")
+    if mem:
+        s = mem["shape"]
+        a("")
+        a("## Peak memory of a train fwd+bwd step: %s (tokens %d, d %d, "
+          "hidden %d, experts %d, k %d)" % (
+              mem["config"], s["tokens"], s["d"], s["hidden"], s["experts"],
+              s["k"]))
+        a("")
+        a("| method | peak delta (MB) | first step delta (MB) | ÷oracle |")
+        a("|---|---|---|---|")
+        for m in MEMORY_METHODS:
+            r = mem["methods"][m]
+            a("| %s | %s | %s | %s |" % (
+                m, fmt_r(r.get("peak_delta_mb"), 1),
+                fmt_r(r.get("first_step_delta_mb"), 1),
+                fmt_r(mem["ratio_vs_oracle"][m])))
+        how = {r.get("how") for r in mem["methods"].values() if r.get("how")}
+        if how:
+            a("")
+            a("Measured as: %s." % "; ".join(sorted(how)))
+    a("")
+    a("## Targets (issue 5; information, not assertions)")
+    a("")
+    a("| target | value | limit | met |")
+    a("|---|---|---|---|")
+    for t in results["targets"]:
+        a("| %s%s | %s | ≤ %s | %s |" % (
+            t["target"], " (%s)" % t["note"] if t["note"] else "",
+            fmt_r(t["value"]), t["limit"],
+            "—" if t["met"] is None else ("yes" if t["met"] else "no")))
+    if meta["quick"]:
+        a("")
+        a("(--quick shapes are scaled down: the targets refer to the full "
+          "shapes.)")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Main.
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="scaled-down shapes, few repetitions (~1 minute)")
+    p.add_argument("--original", default=None,
+                   help="path of the original expert_utils_2017.py "
+                        "(default: tests/oracle.py's find_original())")
+    p.add_argument("--json", default=None,
+                   help="write the JSON results here (default: stdout)")
+    p.add_argument("--markdown", default=None,
+                   help="also write the markdown table here")
+    p.add_argument("--configs", default=None,
+                   help="comma-separated subset of: %s, scaling, memory "
+                        "(default: all)" % ", ".join(CONFIGS))
+    p.add_argument("--profile", default=None, metavar="CONFIG[:METHOD[:MODE]]",
+                   help="instead of the benchmark, print a per-op profile of "
+                        "one of our methods (default sparse, train_fwd_bwd) "
+                        "at a configuration (with --quick: its quick shape)")
+    p.add_argument("--profile-calls", type=int, default=10)
+    p.add_argument("--profile-top", type=int, default=25)
+    args = p.parse_args(argv)
+    if args.profile is not None:
+        parts = args.profile.split(":")
+        parts += ["sparse", "train_fwd_bwd"][len(parts) - 1:]
+        if (parts[0] not in CONFIGS or parts[1] not in OURS
+                or parts[2] not in MODES or len(parts) != 3):
+            p.error("--profile takes CONFIG[:METHOD[:MODE]] with CONFIG in "
+                    "%s, METHOD in %s, MODE in %s" % (
+                        ", ".join(CONFIGS), ", ".join(OURS), ", ".join(MODES)))
+        args.profile = parts
+    known = list(CONFIGS) + ["scaling", "memory"]
+    if args.configs is None:
+        args.selected = known
+    else:
+        args.selected = [c.strip() for c in args.configs.split(",")
+                         if c.strip()]
+        bad = [c for c in args.selected if c not in known]
+        if bad:
+            p.error("unknown --configs %s; choose from %s" % (
+                ", ".join(bad), ", ".join(known)))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from tests import oracle
+
+    original = args.original or oracle.find_original()
+    if original is not None and not os.path.isfile(original):
+        log("--original %s does not exist" % original)
+        original = None
+    load_before = load_average()
+    log("load average before: %s" % load_before)
+    xla_flags = None
+    if args.quick and "XLA_FLAGS" not in os.environ:
+        # --quick checks that everything runs: compile XLA without LLVM
+        # optimizations (several times faster to compile).
+        xla_flags = os.environ["XLA_FLAGS"] = (
+            "--xla_backend_optimization_level=0")
+
+    import tensorflow as tf
+    import keras
+    import keras_moe
+
+    # Before TensorFlow's runtime starts (forked children inherit it).
+    tf.config.threading.set_intra_op_parallelism_threads(THREADS)
+    tf.config.threading.set_inter_op_parallelism_threads(THREADS)
+    plan = QUICK_PLAN if args.quick else FULL_PLAN
+    configs = QUICK_CONFIGS if args.quick else CONFIGS
+    scaling = QUICK_SCALING if args.quick else SCALING
+    if args.profile is not None:
+        name, method, mode = args.profile
+        res = profile(name, shape_dict(*configs[name][:5]), method, mode,
+                      args.profile_calls, args.profile_top)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        print(format_profile(res))
+        return 0
+
+    meta = {"quick": args.quick, "threads": THREADS,
+            "tensorflow": tf.__version__, "keras": keras.__version__,
+            "keras_moe": keras_moe.__version__, "machine": machine_info(),
+            "original": original, "load_before": load_before,
+            "xla_flags": os.environ.get("XLA_FLAGS"),
+            "argv": sys.argv[1:], "plan": plan,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if original is None:
+        log("the original expert_utils_2017.py was not found: its columns "
+            "are skipped (pass --original PATH or set KERAS_MOE_ORIGINAL)")
+
+    results = {"meta": meta, "configs": collections.OrderedDict()}
+    # Forks first: the memory children and the original's worker start
+    # from this process before it starts TensorFlow's runtime.
+    memory_handle = None
+    if "memory" in args.selected:
+        mshape = shape_dict(*configs[MEMORY_CONFIG][:5])
+        methods = memory_methods(original)
+        if args.quick:
+            # One process for all methods, alongside the timings (which
+            # --quick does not mean to be accurate).
+            memory_handle = fork_memory_child(methods, mshape, original)
+        else:
+            log("memory: %s, one process per method ..." % MEMORY_CONFIG)
+            mem = {}
+            for m in methods:
+                mem.update(join_memory_child(
+                    fork_memory_child([m], mshape, original)))
+            results["memory"] = memory_results(mem, mshape, original)
+            log_memory(results["memory"])
+    client = OriginalClient(original) if original is not None else None
+    try:
+        log("rates ...")
+        rates = {"start": measure_rates(plan)}
+        log("rates: GEMM %.1f GFLOP/s, read %.1f GB/s" % (
+            rates["start"]["gemm_gflops"], rates["start"]["read_gbps"]))
+        for name, c in configs.items():
+            if name not in args.selected:
+                continue
+            shape = shape_dict(*c[:5])
+            res = run_config(name, shape, c[5], plan, client)
+            results["configs"][name] = res
+            mode = "infer_fwd" if name == "serving" else "train_fwd_bwd"
+            log("%s done in %.0f s (setup %.0f s): %s %s" % (
+                name, res["wall_s"], res["setup_s"], MODE_LABELS[mode], ", ".join(
+                    "%s %s" % (m, fmt_s(res["times"][m][mode]["median_s"]))
+                    for m in METHODS)))
+        if "scaling" in args.selected:
+            results["scaling"] = run_scaling(scaling, plan, client)
+            log("scaling done: cost(%d)/cost(%d) " % tuple(
+                results["scaling"]["cost_ratio_experts"]) + ", ".join(
+                "%s %s" % (m, fmt_r(v))
+                for m, v in results["scaling"]["cost_ratio"].items()))
+        rates["end"] = measure_rates(plan)
+        if memory_handle is not None:
+            results["memory"] = memory_results(
+                join_memory_child(memory_handle), mshape, original)
+            log_memory(results["memory"])
+        log("rates at the end: GEMM %.1f GFLOP/s, read %.1f GB/s" % (
+            rates["end"]["gemm_gflops"], rates["end"]["read_gbps"]))
+    finally:
+        if client is not None:
+            client.close()
+    rates["gemm_n"], rates["read_mib"] = plan["gemm_n"], plan["read_mib"]
+    results["rates"] = rates
+    meta["load_after"] = load_average()
+    meta["wall_s"] = time.time() - _T0
+    results["targets"] = targets(results)
+    text = json.dumps(results, indent=1, default=_json_default)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    md = markdown(results)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(md)
+    print(md)
+    log("load average after: %s; total %.0f s" % (meta["load_after"],
+                                                   meta["wall_s"]))
+    return 0
+
+
+def log_memory(mem):
+    log("memory done: " + ", ".join(
+        "%s %s MB" % (m, fmt_r(r.get("peak_delta_mb"), 1))
+        for m, r in mem["methods"].items()))
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    return str(o)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The benchmark (benchmarks/bench_moe.py) runs in --quick mode and reports
+every field for every configuration. No timing is asserted: the numbers of
+a --quick run on scaled-down shapes mean nothing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests import oracle
+
+SCRIPT = os.path.join(oracle.REPO_ROOT, "benchmarks", "bench_moe.py")
+CONFIGS = {
+    "large": ("train_fwd", "train_fwd_bwd", "infer_fwd"),
+    "small-batch": ("train_fwd", "train_fwd_bwd", "infer_fwd"),
+    "many-experts": ("train_fwd", "train_fwd_bwd", "infer_fwd"),
+    "serving": ("infer_fwd",),
+}
+METHODS = ("sparse", "capacity", "capacity_xla", "original", "dense_all",
+           "oracle")
+OURS = ("sparse", "capacity", "capacity_xla")
+TIME_KEYS = ("median_s", "min_s", "n", "inner", "first_call_s")
+RATE_KEYS = ("gemm_gflops", "gemm_gflops_best", "read_gbps", "read_gbps_best")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+               KERAS_BACKEND="tensorflow")
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--quick", "--json", str(out)],
+        cwd=oracle.REPO_ROOT, env=env, capture_output=True, text=True,
+        timeout=420,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out) as f:
+        return json.load(f), proc.stdout, proc.stderr
+
+
+@pytest.mark.slow
+def test_quick_run_reports_every_field(quick_run):
+    results, stdout, stderr = quick_run
+    original_found = results["meta"]["original"] is not None
+    assert results["meta"]["quick"] is True
+    for when in ("start", "end"):
+        for key in RATE_KEYS:
+            assert results["rates"][when][key] > 0, (when, key)
+
+    assert set(results["configs"]) == set(CONFIGS)
+    for name, modes in CONFIGS.items():
+        cfg = results["configs"][name]
+        assert tuple(cfg["modes"]) == modes
+        for key in RATE_KEYS:
+            assert cfg["rates"][key] > 0, (name, key)
+        for key in ("active_experts_train", "active_experts_infer",
+                    "capacity_train", "capacity_infer",
+                    "capacity_dropped_fraction_train",
+                    "capacity_dropped_fraction_infer"):
+            assert cfg["routing"][key] is not None, (name, key)
+        for mode in modes:
+            assert cfg["useful_gflop"][mode] > 0
+            assert cfg["weight_mb"][mode] > 0
+            assert cfg["roofline_s"][mode] > 0
+            assert cfg["roofline_bound"][mode] in ("compute", "memory")
+        for method in METHODS:
+            for mode in modes:
+                t = cfg["times"][method][mode]
+                for key in TIME_KEYS:
+                    assert key in t, (name, method, mode, key)
+                measured = method != "original" or original_found
+                if measured:
+                    assert t["median_s"] > 0, (name, method, mode, t)
+                for table in ("R_oracle", "R_roofline", "vs_original"):
+                    value = cfg[table][method][mode]
+                    if measured and (table != "vs_original"
+                                     or original_found):
+                        assert value > 0, (name, table, method, mode)
+        # The same weights and routing everywhere: the peer computes the
+        # sparse layer's outputs, and so does the original.
+        check = cfg["check"]
+        assert check["max_abs_diff_dense_all_vs_sparse"] < 1e-4
+        if original_found:
+            assert check["sum_abs_y_original"] == pytest.approx(
+                check["sum_abs_y_sparse"], rel=1e-4)
+
+    scaling = results["scaling"]
+    assert len(scaling["experts"]) == 4
+    hi, lo = scaling["cost_ratio_experts"]
+    assert hi in scaling["experts"] and lo in scaling["experts"]
+    for method in ("sparse", "capacity", "capacity_xla", "original",
+                   "oracle"):
+        for e in scaling["experts"]:
+            t = scaling["times"][method][str(e)]
+            if method != "original" or original_found:
+                assert t["median_s"] > 0, (method, e)
+        if method != "original" or original_found:
+            assert scaling["cost_ratio"][method] > 0
+
+    memory = results["memory"]
+    for method in ("sparse", "capacity", "capacity_xla", "oracle",
+                   "original"):
+        if method == "original" and not original_found:
+            continue
+        assert memory["methods"][method]["peak_delta_mb"] is not None, (
+            method, memory["methods"][method])
+        assert memory["ratio_vs_oracle"][method] is not None
+
+    targets = results["targets"]
+    assert len(targets) == 12
+    for t in targets:
+        assert set(t) == {"target", "value", "limit", "met", "note"}
+        if original_found or "original" not in t["target"]:
+            assert t["value"] is not None, t  # a value, met or not
+            assert t["met"] in (True, False)
+
+    # The readable table and a progress line per configuration.
+    for heading in ("## Measured rates", "## large:", "## small-batch:",
+                    "## many-experts:", "## serving:", "## Scaling",
+                    "## Peak memory", "## Targets"):
+        assert heading in stdout, heading
+    for name in CONFIGS:
+        assert "] %s done in" % name in stderr, name
