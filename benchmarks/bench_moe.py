@@ -35,8 +35,9 @@ Ratios:
               kernels, read once forward; forward + backward 2.5x (W1, W2
               read forward, W2 read for dh, dW1 and dW2 written).
               GEMM rate: a large square float32 matmul; read bandwidth: a
-              reduce_sum over a large array; both measured in this run
-              (before and after the configurations; the higher is used).
+              reduce_sum over a large array; both measured in this run,
+              round-robin with each configuration's methods (that
+              configuration's roofline), and at the start and the end.
   vs_original time / the original's time (same mode)
 
 Memory: at the large configuration, a forward + backward step of each of
@@ -52,10 +53,15 @@ Scaling: tokens, d, hidden and k fixed; forward + backward over 4, 16, 64
 and 256 experts for sparse, capacity, capacity_xla and original; prints
 cost(256) / cost(16).
 
+The original runs in a Session with 2 intra-op and 2 inter-op threads and
+Grappler on, except its dependency optimizer, which would drop the
+stateless ops behind the fetched tf.group (nothing would run).
+
 Usage:
   python benchmarks/bench_moe.py [--quick] [--json PATH] [--markdown PATH]
                                  [--configs large,serving,scaling,memory]
                                  [--original PATH]
+  python benchmarks/bench_moe.py --profile small-batch[:sparse[:train_fwd_bwd]]
 
 Progress goes to stderr, one line per configuration; the JSON goes to --json
 (or stdout) and a markdown table to stdout (and --markdown). The targets of
@@ -70,6 +76,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -192,6 +199,23 @@ def load_average():
         return list(os.getloadavg())
     except OSError:
         return None
+
+
+def git_revision():
+    """The repository's commit (with "+dirty" when keras_moe/ has changes),
+    or None."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                              cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "keras_moe"],
+                               cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 def machine_info():
@@ -994,10 +1018,10 @@ def memory_results(results, shape, original_path):
 # ---------------------------------------------------------------------------
 
 
-def profile(name, shape, method, mode, calls, top):
-    """Per-op profile of `calls` calls of one of our methods, from the
-    TensorFlow profiler's trace (op kernels on the executor's threads).
-    Returns a dict; `format_profile` prints it."""
+def _profile_ours(name, shape, method, mode, calls):
+    """(wall s/call unprofiled, profiled, [(op name, op type, seconds)])
+    of one of our methods, from the TensorFlow profiler's trace: the op
+    kernels on the executor's threads."""
     import glob
     import shutil
     import tempfile
@@ -1032,9 +1056,7 @@ def profile(name, shape, method, mode, calls, top):
             space.ParseFromString(f.read())
     finally:
         shutil.rmtree(logdir, ignore_errors=True)
-    by_type = collections.defaultdict(lambda: [0.0, 0])
-    by_scope = collections.defaultdict(lambda: [0.0, 0])
-    total, count = 0.0, 0
+    events = []
     for plane in space.planes:
         if plane.name != "/host:CPU":
             continue
@@ -1047,22 +1069,80 @@ def profile(name, shape, method, mode, calls, top):
                 if ":" not in op or "::" in op:
                     continue  # executor bookkeeping, not an op kernel
                 op_name, op_type = op.rsplit(":", 1)
-                seconds = ev.duration_ps * 1e-12
-                parts = op_name.split("/")
-                direction = "bwd"
-                if parts[0] != "gradient_tape":
-                    direction = "fwd"
-                else:
-                    parts = parts[1:]
-                scope = "/".join(p.rstrip("_0123456789") or p
-                                 for p in parts[:3 if len(parts) > 3 else
-                                                len(parts) - 1])
-                by_type[op_type][0] += seconds
-                by_type[op_type][1] += 1
-                by_scope[direction + " " + (scope or "(top)")][0] += seconds
-                by_scope[direction + " " + (scope or "(top)")][1] += 1
-                total += seconds
-                count += 1
+                if op_name.startswith("gradient_tape/"):
+                    op_name = "gradients/" + op_name[len("gradient_tape/"):]
+                events.append((op_name, op_type, ev.duration_ps * 1e-12))
+    return unprofiled, profiled, events
+
+
+def _profile_original(name, shape, mode, calls, original_path):
+    """The same for the original, from its Session's step stats
+    (RunOptions.FULL_TRACE)."""
+    import tensorflow as tf
+    from tests import oracle
+
+    v1 = tf.compat.v1
+    module = oracle.load_original(original_path)
+    data = make_data(shape, config_seed(name))
+    sess, train, fetches, _ = build_original_graph(module, shape, data)
+    del data
+    feed = {train: mode != "infer_fwd"}
+    fetch = fetches[mode]
+    for _ in range(3):
+        sess.run(fetch, feed)
+    t = time.perf_counter()
+    for _ in range(calls):
+        sess.run(fetch, feed)
+    unprofiled = (time.perf_counter() - t) / calls
+    types = {op.name: op.type for op in sess.graph.get_operations()}
+    options = v1.RunOptions(trace_level=v1.RunOptions.FULL_TRACE)
+    events = []
+    t = time.perf_counter()
+    for _ in range(calls):
+        metadata = v1.RunMetadata()
+        sess.run(fetch, feed, options=options, run_metadata=metadata)
+        for dev in metadata.step_stats.dev_stats:
+            for node in dev.node_stats:
+                op_name = node.node_name.split(":")[0]
+                if op_name not in types:
+                    continue  # _SOURCE and the like
+                events.append((op_name, types[op_name],
+                               node.all_end_rel_micros * 1e-6))
+    profiled = (time.perf_counter() - t) / calls
+    sess.close()
+    return unprofiled, profiled, events
+
+
+def profile(name, shape, method, mode, calls, top, original_path=None):
+    """Per-op profile of `calls` calls of `method` (ours, or "original"):
+    op time by op type and by name scope (the first levels of the op's
+    name; "bwd" for gradient ops). Returns a dict; `format_profile` prints
+    it."""
+    if method == "original":
+        if original_path is None:
+            raise SystemExit("--profile ...:original: the original was not "
+                             "found (pass --original PATH)")
+        unprofiled, profiled, events = _profile_original(
+            name, shape, mode, calls, original_path)
+    else:
+        unprofiled, profiled, events = _profile_ours(name, shape, method,
+                                                     mode, calls)
+    by_type = collections.defaultdict(lambda: [0.0, 0])
+    by_scope = collections.defaultdict(lambda: [0.0, 0])
+    total = 0.0
+    for op_name, op_type, seconds in events:
+        parts = op_name.split("/")
+        direction = "fwd"
+        if parts[0] == "gradients":
+            direction, parts = "bwd", parts[1:]
+        depth = 3 if len(parts) > 3 else len(parts) - 1
+        scope = "/".join(re.sub(r"_\d+", "", q) for q in parts[:depth])
+        key = direction + " " + (scope or "(top)")
+        by_type[op_type][0] += seconds
+        by_type[op_type][1] += 1
+        by_scope[key][0] += seconds
+        by_scope[key][1] += 1
+        total += seconds
 
     def table(d):
         rows = sorted(d.items(), key=lambda kv: -kv[1][0])[:top]
@@ -1074,7 +1154,7 @@ def profile(name, shape, method, mode, calls, top):
             "calls": calls, "wall_ms_per_call": unprofiled * 1e3,
             "profiled_wall_ms_per_call": profiled * 1e3,
             "op_ms_per_call": total / calls * 1e3,
-            "ops_per_call": count / calls,
+            "ops_per_call": len(events) / calls,
             "by_type": table(by_type), "by_scope": table(by_scope)}
 
 
@@ -1180,11 +1260,12 @@ def markdown(results):
                                     if meta["quick"] else ""))
     a("")
     m = meta["machine"]
-    a("Machine: %s CPUs (%s), %s GiB; TensorFlow %s, Keras %s, keras_moe %s; "
-      "%d intra-op / %d inter-op threads." % (
+    a("Machine: %s CPUs (%s), %s GiB; TensorFlow %s, Keras %s, keras_moe %s "
+      "(%s); %d intra-op / %d inter-op threads; started %s." % (
           m.get("nproc"), m.get("cpu_model", "?"), m.get("mem_total_gib"),
-          meta["tensorflow"], meta["keras"], meta["keras_moe"], THREADS,
-          THREADS))
+          meta["tensorflow"], meta["keras"], meta["keras_moe"],
+          meta.get("git") or "no git", THREADS, THREADS,
+          meta.get("started")))
     a("Load average (1, 5, 15 min) before %s, after %s; wall %.0f s." % (
         _loads(meta.get("load_before")), _loads(meta.get("load_after")),
         meta["wall_s"]))
@@ -1225,11 +1306,12 @@ def markdown(results):
         a("")
         f = cfg["routing"]
         a("Active experts: train %d, infer %d of %d; capacity train %d / "
-          "infer %d slots, dropped train %.3f / infer %.3f." % (
+          "infer %d slots per expert, choices dropped train %.2f%% / "
+          "infer %.2f%%." % (
               f["active_experts_train"], f["active_experts_infer"],
               s["experts"], f["capacity_train"], f["capacity_infer"],
-              f["capacity_dropped_fraction_train"],
-              f["capacity_dropped_fraction_infer"]))
+              100 * f["capacity_dropped_fraction_train"],
+              100 * f["capacity_dropped_fraction_infer"]))
         a("Roofline: " + "; ".join(
             "%s %s (%.2f GFLOP, %.1f MB weights, %s-bound)" % (
                 MODE_LABELS[mode], fmt_s(cfg["roofline_s"][mode]),
@@ -1333,7 +1415,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="scaled-down shapes, few repetitions (~1 minute)")
+                   help="scaled-down shapes, few repetitions (1-3 minutes)")
     p.add_argument("--original", default=None,
                    help="path of the original expert_utils_2017.py "
                         "(default: tests/oracle.py's find_original())")
@@ -1346,18 +1428,20 @@ def parse_args(argv=None):
                         "(default: all)" % ", ".join(CONFIGS))
     p.add_argument("--profile", default=None, metavar="CONFIG[:METHOD[:MODE]]",
                    help="instead of the benchmark, print a per-op profile of "
-                        "one of our methods (default sparse, train_fwd_bwd) "
-                        "at a configuration (with --quick: its quick shape)")
+                        "one of our methods or the original (default sparse, "
+                        "train_fwd_bwd) at a configuration (with --quick: "
+                        "its quick shape)")
     p.add_argument("--profile-calls", type=int, default=10)
     p.add_argument("--profile-top", type=int, default=25)
     args = p.parse_args(argv)
     if args.profile is not None:
         parts = args.profile.split(":")
         parts += ["sparse", "train_fwd_bwd"][len(parts) - 1:]
-        if (parts[0] not in CONFIGS or parts[1] not in OURS
-                or parts[2] not in MODES or len(parts) != 3):
+        if (len(parts) != 3 or parts[0] not in CONFIGS
+                or parts[1] not in OURS + ("original",)
+                or parts[2] not in MODES):
             p.error("--profile takes CONFIG[:METHOD[:MODE]] with CONFIG in "
-                    "%s, METHOD in %s, MODE in %s" % (
+                    "%s, METHOD in %s, original, MODE in %s" % (
                         ", ".join(CONFIGS), ", ".join(OURS), ", ".join(MODES)))
         args.profile = parts
     known = list(CONFIGS) + ["scaling", "memory"]
@@ -1403,7 +1487,7 @@ def main(argv=None):
     if args.profile is not None:
         name, method, mode = args.profile
         res = profile(name, shape_dict(*configs[name][:5]), method, mode,
-                      args.profile_calls, args.profile_top)
+                      args.profile_calls, args.profile_top, original)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)
@@ -1412,7 +1496,8 @@ def main(argv=None):
 
     meta = {"quick": args.quick, "threads": THREADS,
             "tensorflow": tf.__version__, "keras": keras.__version__,
-            "keras_moe": keras_moe.__version__, "machine": machine_info(),
+            "keras_moe": keras_moe.__version__, "git": git_revision(),
+            "machine": machine_info(),
             "original": original, "load_before": load_before,
             "xla_flags": os.environ.get("XLA_FLAGS"),
             "argv": sys.argv[1:], "plan": plan,
