@@ -4,7 +4,7 @@
 import keras
 import tensorflow as tf
 
-from keras_moe import initialization, validation
+from keras_moe import grouped_matmul, initialization, validation
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -130,18 +130,10 @@ class FeedForwardExperts(keras.layers.Layer):
                 )
             # One batched matmul per layer over all experts' slabs.
             return self._forward(x, list(self.kernels))
-        parts = tf.split(x, part_sizes, num=self.num_experts, axis=0)
-        # One unstack per kernel: its gradient is one dense stack, not one
-        # full-size zero-padded gradient per expert as slicing would give.
-        per_expert_kernels = list(
-            zip(*[tf.unstack(kernel, num=self.num_experts)
-                  for kernel in self.kernels])
-        )
-        outputs = [
-            self._forward(part, kernels)
-            for part, kernels in zip(parts, per_expert_kernels)
+        kernels = [
+            tf.cast(kernel, self.compute_dtype) for kernel in self.kernels
         ]
-        return tf.concat(outputs, 0)
+        return self._forward(x, kernels, part_sizes)
 
     def call_expert(self, x, expert_index):
         """Expert `expert_index` (a Python int) alone on `x [m, d]`."""
@@ -155,11 +147,17 @@ class FeedForwardExperts(keras.layers.Layer):
         ]
         return self._forward(x, kernels)
 
-    def _forward(self, x, kernels):
+    def _forward(self, x, kernels, part_sizes=None):
+        """The layers on `x`: one expert's `[m, in]` with 2-D `kernels`,
+        slabs `[n, c, in]` with stacked ones, or rows grouped by expert
+        with stacked ones and `part_sizes`."""
         input_dim = self.layer_sizes[0]
         num_layers = len(kernels)
         for layer, kernel in enumerate(kernels):
-            x = tf.matmul(x, kernel)
+            if part_sizes is None:
+                x = tf.matmul(x, kernel)
+            else:
+                x = grouped_matmul.grouped_matmul(x, kernel, part_sizes)
             fan_in = self.layer_sizes[layer]
             if self.autoscale and fan_in != input_dim:
                 x *= (fan_in / input_dim) ** -0.5
