@@ -122,18 +122,22 @@ class FeedForwardExperts(keras.layers.Layer):
             self.layer_sizes[0],
         )
         x = tf.cast(x, self.compute_dtype)
-        if stacked:
-            if x.shape[0] not in (None, self.num_experts):
-                raise ValueError(
-                    f"3-D `inputs` must hold one slab per expert "
-                    f"({self.num_experts}). Received: inputs.shape={x.shape}"
-                )
-            # One batched matmul per layer over all experts' slabs.
-            return self._forward(x, list(self.kernels))
+        if stacked and x.shape[0] not in (None, self.num_experts):
+            raise ValueError(
+                f"3-D `inputs` must hold one slab per expert "
+                f"({self.num_experts}). Received: inputs.shape={x.shape}"
+            )
         kernels = [
             tf.cast(kernel, self.compute_dtype) for kernel in self.kernels
         ]
-        return self._forward(x, kernels, part_sizes)
+        # One matmul per expert, or one batched matmul over the slabs.
+        return self._forward(
+            x,
+            kernels,
+            lambda x, kernel: grouped_matmul.grouped_matmul(
+                x, kernel, part_sizes
+            ),
+        )
 
     def call_expert(self, x, expert_index):
         """Expert `expert_index` (a Python int) alone on `x [m, d]`."""
@@ -145,19 +149,15 @@ class FeedForwardExperts(keras.layers.Layer):
             tf.cast(kernel[expert_index], self.compute_dtype)
             for kernel in self.kernels
         ]
-        return self._forward(x, kernels)
+        return self._forward(x, kernels, tf.matmul)
 
-    def _forward(self, x, kernels, part_sizes=None):
-        """The layers on `x`: one expert's `[m, in]` with 2-D `kernels`,
-        slabs `[n, c, in]` with stacked ones, or rows grouped by expert
-        with stacked ones and `part_sizes`."""
+    def _forward(self, x, kernels, multiply):
+        """The layers on `x`, `multiply(x, kernel)` being each layer's
+        matmul."""
         input_dim = self.layer_sizes[0]
         num_layers = len(kernels)
         for layer, kernel in enumerate(kernels):
-            if part_sizes is None:
-                x = tf.matmul(x, kernel)
-            else:
-                x = grouped_matmul.grouped_matmul(x, kernel, part_sizes)
+            x = multiply(x, kernel)
             fan_in = self.layer_sizes[layer]
             if self.autoscale and fan_in != input_dim:
                 x *= (fan_in / input_dim) ** -0.5

@@ -7,11 +7,17 @@ import numpy as np
 import pytest
 
 from keras_moe import (
-    balance, callbacks, dispatch, experts, gating, introspection, moe,
+    balance, callbacks, dispatch, experts, gating, grouped_matmul,
+    introspection, moe,
 )
 
+MODULES = [
+    balance, callbacks, dispatch, experts, gating, grouped_matmul,
+    introspection, moe,
+]
 
-@pytest.mark.parametrize("module", [balance, callbacks, dispatch, experts, gating, introspection, moe])
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(
         module, extraglobs={"np": np}, optionflags=doctest.ELLIPSIS,

@@ -98,3 +98,34 @@ def test_unknown_number_of_groups_is_an_error():
     )
     with pytest.raises(ValueError, match=r"kernel.shape=\(None, 6, 5\)"):
         fn.get_concrete_function()
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 5])
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "function"])
+def test_slabs_match_autodiff(capacity, traced):
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(size=(3, capacity, 6)), tf.float32)
+    kernel = tf.constant(rng.normal(size=(3, 6, 5)), tf.float32)
+    ours = lambda x, kernel, _: grouped_matmul(x, kernel)
+    reference = lambda x, kernel, _: tf.matmul(x, kernel)
+    if traced:
+        ours, reference = tf.function(ours), tf.function(reference)
+    got = _values_and_gradients(ours, x, kernel, None)
+    want = _values_and_gradients(reference, x, kernel, None)
+    for name, g, w in zip(["outputs", "d_x", "d_kernel"], got, want):
+        assert g.shape == w.shape, name
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "x_shape, part_sizes, message",
+    [
+        ((4, 6), None, r"must be 3-D .*x.shape=\(4, 6\)"),
+        ((2, 2, 6), [2, 2], r"must be 2-D .*x.shape=\(2, 2, 6\)"),
+    ],
+)
+def test_layout_errors_name_the_shape(x_shape, part_sizes, message):
+    kernel = tf.zeros([2, 6, 5])
+    sizes = None if part_sizes is None else tf.constant(part_sizes)
+    with pytest.raises(ValueError, match=message):
+        grouped_matmul(tf.zeros(x_shape), kernel, sizes)
