@@ -218,6 +218,19 @@ def git_revision():
     return (head + ("+dirty" if dirty else "")) or None
 
 
+# Settings that change CPU speed a lot (docs/performance.md): oneDNN
+# kernels and its allocator, TensorFlow's BFC allocator on the CPU, glibc's
+# malloc, a preloaded allocator.
+ENVIRONMENT_KEYS = ("TF_ENABLE_ONEDNN_OPTS", "TF_CPU_ALLOCATOR_USE_BFC",
+                    "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
+                    "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
+
+
+def environment_info():
+    """The settings of ENVIRONMENT_KEYS in this run (unset ones left out)."""
+    return {k: os.environ[k] for k in ENVIRONMENT_KEYS if k in os.environ}
+
+
 def machine_info():
     info = {"nproc": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version()}
@@ -1271,6 +1284,11 @@ def markdown(results):
         meta["wall_s"]))
     if meta.get("xla_flags"):
         a("XLA_FLAGS=`%s`." % meta["xla_flags"])
+    env = meta.get("environment") or {}
+    a("Environment: %s." % (
+        ", ".join("`%s=%s`" % kv for kv in sorted(env.items()))
+        or "none of %s set (TensorFlow's defaults)" % ", ".join(
+            "`%s`" % k for k in ENVIRONMENT_KEYS)))
     if meta.get("original") is None:
         a("")
         a("**The original was not found: its columns are skipped.**")
@@ -1497,7 +1515,7 @@ def main(argv=None):
     meta = {"quick": args.quick, "threads": THREADS,
             "tensorflow": tf.__version__, "keras": keras.__version__,
             "keras_moe": keras_moe.__version__, "git": git_revision(),
-            "machine": machine_info(),
+            "machine": machine_info(), "environment": environment_info(),
             "original": original, "load_before": load_before,
             "xla_flags": os.environ.get("XLA_FLAGS"),
             "argv": sys.argv[1:], "plan": plan,

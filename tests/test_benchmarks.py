@@ -45,6 +45,7 @@ def test_quick_run_reports_every_field(quick_run):
     results, stdout, stderr = quick_run
     original_found = results["meta"]["original"] is not None
     assert results["meta"]["quick"] is True
+    assert isinstance(results["meta"]["environment"], dict)
     for when in ("start", "end"):
         for key in RATE_KEYS:
             assert results["rates"][when][key] > 0, (when, key)
@@ -117,7 +118,7 @@ def test_quick_run_reports_every_field(quick_run):
             assert t["met"] in (True, False)
 
     # The readable table and a progress line per configuration.
-    for heading in ("## Measured rates", "## large:", "## small-batch:",
+    for heading in ("## Measured rates", "Environment: ", "## large:", "## small-batch:",
                     "## many-experts:", "## serving:", "## Scaling",
                     "## Peak memory", "## Targets"):
         assert heading in stdout, heading
