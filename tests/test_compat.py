@@ -14,7 +14,6 @@ When the original is found (tests/oracle.py's find_original), a fresh
 checkpoint is written with it and loaded too.
 """
 
-import importlib.util
 import json
 import os
 
@@ -27,19 +26,8 @@ import tensorflow as tf
 
 import keras_moe
 from keras_moe.compat import load_tf1_checkpoint
-
-
-def _load_oracle_harness():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                        "oracle.py")
-    spec = importlib.util.spec_from_file_location("_keras_moe_parity_oracle",
-                                                  path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-oracle = _load_oracle_harness()
+import oracle
+from parity_checks import NO_ORIGINAL
 
 RTOL = 1e-5
 KINDS = oracle.COMMITTED_CHECKPOINT_KINDS  # ("local", "hierarchical")
@@ -406,9 +394,7 @@ def test_wrong_name_raises():
 def test_live_original_checkpoint(tmp_path, kind):
     path = oracle.find_original()
     if path is None:
-        pytest.skip("the original expert_utils_2017.py was not found: set "
-                    "KERAS_MOE_ORIGINAL to its path or place it at "
-                    "<repo>/../shared/reference/expert_utils_2017.py")
+        pytest.skip(NO_ORIGINAL)
     module = oracle.load_original(path)
     prefix, outputs = oracle.write_original_checkpoint(module, kind,
                                                        str(tmp_path / kind))

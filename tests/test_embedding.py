@@ -10,8 +10,6 @@ serialization and SavedModel export, mixed precision, and bad input.
 """
 
 import doctest
-import importlib.util
-import os
 
 import keras
 import numpy as np
@@ -21,19 +19,8 @@ import tensorflow as tf
 from keras_moe import embedding as embedding_module
 from keras_moe.embedding import ShardedEmbedding, shard_rows
 from strategies import mirrored
-
-
-def _load_oracle_harness():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                        "oracle.py")
-    spec = importlib.util.spec_from_file_location("_keras_moe_parity_oracle",
-                                                  path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-oracle = _load_oracle_harness()
+import oracle
+from parity_checks import embedding_softmax_reference
 
 FORWARD_RTOL = 1e-6
 GRAD_RTOL = 1e-6
@@ -42,31 +29,7 @@ GRAD_RTOL = 1e-6
 # Parity with the original.
 # --------------------------------------------------------------------------
 
-_REFERENCE = {}
-
-
-def reference(source, name):
-    """(case, data, ref) from the fixtures or from the live original."""
-    key = (source, name)
-    if key not in _REFERENCE:
-        if source == "fixture":
-            got = oracle.unpack_embedding_softmax(
-                np.load(oracle.EMBEDDING_FIXTURES), name)
-            assert got is not None, (
-                f"case {name!r} is missing from {oracle.EMBEDDING_FIXTURES}; "
-                "regenerate it with tools/make_embedding_fixtures.py")
-            case, data, results = got
-        else:
-            path = oracle.find_original()
-            if path is None:
-                pytest.skip("the original expert_utils_2017.py is not here "
-                            "(set KERAS_MOE_ORIGINAL)")
-            module = oracle.load_original(path)
-            case = oracle.EMBEDDING_SOFTMAX_CASES_BY_NAME[name]
-            data = oracle.make_embedding_case_data(case)
-            results = oracle.run_embedding_softmax_oracle(module, case, data)
-        _REFERENCE[key] = (case, data, results["ref"])
-    return _REFERENCE[key]
+reference = embedding_softmax_reference
 
 
 def ours_embedding(case, data):

@@ -27,8 +27,6 @@ multiplied by `train` = 0); keras_moe gives exactly zero there. The tests
 assert that NaNs occur only there, and that ours is finite and exactly zero.
 """
 
-import hashlib
-import importlib.util
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -40,24 +38,12 @@ from absl.testing import parameterized
 from keras.src import testing
 
 import keras_moe
+import oracle
+from parity_checks import (
+    FORWARD_RTOL, GRAD_RTOL, NO_ORIGINAL, FixtureFile, LiveOriginal,
+    assert_fixture_matches_live, assert_matches, digest, grad_floor,
+)
 
-
-def _load_oracle_harness():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                        "oracle.py")
-    spec = importlib.util.spec_from_file_location("_keras_moe_parity_oracle",
-                                                  path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-oracle = _load_oracle_harness()
-
-FORWARD_RTOL = 1e-5
-GRAD_RTOL = 1e-4
-ATOL_FRACTION = 1e-5  # of max|reference|
-GRAD_FLOOR_FRACTION = 2e-6  # of the largest gradient of the case and mode
 
 PARAMS = [
     dict(testcase_name="%s_%s" % (c["name"], mode), case_name=c["name"],
@@ -71,52 +57,15 @@ CASE_PARAMS = [dict(testcase_name=c["name"], case_name=c["name"])
 # Reference data: committed fixtures and the live oracle (both cached).
 # --------------------------------------------------------------------------
 
-_FIXTURES = {}
-
-
-def fixture(case_name):
-    """(case, data, {mode: results}) from tests/fixtures/parity.npz."""
-    if "npz" not in _FIXTURES:
-        npz = np.load(oracle.DEFAULT_FIXTURES)
-        _FIXTURES["npz"] = npz
-        _FIXTURES["meta"] = oracle.read_meta(npz)
-    got = oracle.unpack(_FIXTURES["npz"], case_name, _FIXTURES["meta"])
-    if got is None:
-        raise AssertionError(
-            "case %r is missing from %s; regenerate it with "
-            "tools/make_parity_fixtures.py --original PATH" %
-            (case_name, oracle.DEFAULT_FIXTURES))
-    return got
-
-
-_LIVE = {}
-
-
-def original_path():
-    return oracle.find_original()
-
-
-def live(case_name):
-    """(case, data, {mode: results}) from running the original now."""
-    if case_name not in _LIVE:
-        module = oracle.load_original(original_path())
-        case = oracle.CASES_BY_NAME[case_name]
-        data = oracle.make_case_data(case)
-        _LIVE[case_name] = (case, data, oracle.run_oracle(module, case, data))
-    return _LIVE[case_name]
+fixture = FixtureFile(oracle.DEFAULT_FIXTURES, oracle.unpack,
+                      "tools/make_parity_fixtures.py")
+live = LiveOriginal(oracle.CASES_BY_NAME, oracle.make_case_data,
+                    oracle.run_oracle)
 
 
 # --------------------------------------------------------------------------
 # keras_moe on the same data (cached by case and data digest).
 # --------------------------------------------------------------------------
-
-
-def _digest(data):
-    h = hashlib.sha1()
-    for key in sorted(data):
-        h.update(key.encode())
-        h.update(np.ascontiguousarray(data[key], np.float32).tobytes())
-    return h.hexdigest()
 
 
 def _num_layers(case):
@@ -207,7 +156,7 @@ _OURS = {}
 
 
 def ours(kind, case, data):
-    key = (kind, case["name"], _digest(data))
+    key = (kind, case["name"], digest(data))
     if key not in _OURS:
         fn = _ours_moe if kind == "moe" else _ours_gating
         _OURS[key] = fn(case, data)
@@ -217,48 +166,6 @@ def ours(kind, case, data):
 # --------------------------------------------------------------------------
 # Comparison.
 # --------------------------------------------------------------------------
-
-
-def _max_abs(a):
-    a = np.asarray(a, np.float64)
-    a = a[np.isfinite(a)]
-    return float(np.max(np.abs(a))) if a.size else 0.0
-
-
-def assert_matches(actual, desired, rtol, atol_floor=0.0, nan_ok=False,
-                   what=""):
-    """allclose with atol = max(ATOL_FRACTION * max|desired|, atol_floor).
-
-    Where `desired` is NaN (allowed only with `nan_ok`, the documented
-    deviation), `actual` must be finite and exactly zero.
-    """
-    actual = np.asarray(actual, np.float64)
-    desired = np.asarray(desired, np.float64)
-    assert actual.shape == desired.shape, (
-        "%s: shape %s, reference %s" % (what, actual.shape, desired.shape))
-    nan = np.isnan(desired)
-    if nan.any():
-        assert nan_ok, "%s: the reference has NaN where none is expected" % (
-            what,)
-        bad = ~(np.isfinite(actual[nan]) & (actual[nan] == 0))
-        assert not bad.any(), (
-            "%s: where the original's gradient is NaN (the documented "
-            "deviation) ours must be exactly zero; got %s" %
-            (what, actual[nan][bad][:8]))
-    finite = ~nan
-    a, d = actual[finite], desired[finite]
-    atol = max(ATOL_FRACTION * _max_abs(d), atol_floor)
-    diff = np.abs(a - d)
-    rel = diff / np.maximum(np.abs(d), 1e-30)
-    np.testing.assert_allclose(
-        a, d, rtol=rtol, atol=atol,
-        err_msg="%s: max abs diff %.3g, max rel diff %.3g, atol %.3g" %
-        (what, diff.max(initial=0.0), rel.max(initial=0.0), atol))
-
-
-def _grad_floor(results, prefix):
-    g = [_max_abs(v) for k, v in results.items() if k.startswith(prefix)]
-    return GRAD_FLOOR_FRACTION * max(g + [0.0])
 
 
 def check_moe(case, data, ref, mine, mode, source):
@@ -275,7 +182,7 @@ def check_moe(case, data, ref, mine, mode, source):
     for name in ("load", "importance", "y", "aux_loss"):
         assert_matches(mine[name], ref[name], FORWARD_RTOL,
                        what="%s %s" % (what, name))
-    floor = _grad_floor(ref, "grad/")
+    floor = grad_floor(ref, "grad/")
     for name in oracle.weight_names(case):
         key = "grad/" + name
         assert_matches(mine[key], ref[key], GRAD_RTOL, atol_floor=floor,
@@ -293,7 +200,7 @@ def check_gating(case, ref, mine, mode, source):
     for name in ("gates", "load"):
         assert_matches(mine[name], ref[name], FORWARD_RTOL,
                        what="%s %s" % (what, name))
-    floor = _grad_floor(ref, "gating_grad/")
+    floor = grad_floor(ref, "gating_grad/")
     for name in oracle.gating_weight_names(case):
         key = "gating_grad/" + name
         assert_matches(mine[key], ref[key], GRAD_RTOL, atol_floor=floor,
@@ -339,11 +246,8 @@ class ParityLiveOracleTest(testing.TestCase):
 
     def setUp(self):
         super().setUp()
-        if original_path() is None:
-            self.skipTest(
-                "the original expert_utils_2017.py was not found: set "
-                "KERAS_MOE_ORIGINAL to its path or place it at "
-                "<repo>/../shared/reference/expert_utils_2017.py")
+        if oracle.find_original() is None:
+            self.skipTest(NO_ORIGINAL)
 
     @parameterized.named_parameters(*PARAMS)
     def test_moe(self, case_name, mode):
@@ -362,16 +266,5 @@ class ParityLiveOracleTest(testing.TestCase):
         # The committed fixtures are what the original computes here.
         case, data, results = live(case_name)
         _, _, fresults = fixture(case_name)
-        ref, stored = results[mode], fresults[mode]
-        self.assertEqual(sorted(ref), sorted(stored))
-        for key in ref:
-            grad = "grad" in key
-            what = "%s [%s] fixture vs live %s" % (case_name, mode, key)
-            nan = np.isnan(ref[key])
-            np.testing.assert_array_equal(np.isnan(stored[key]), nan,
-                                          err_msg=what + ": NaN positions")
-            floor = (_grad_floor(ref, key.split("/")[0] + "/")
-                     if grad else 0.0)
-            assert_matches(stored[key][~nan], ref[key][~nan],
-                           GRAD_RTOL if grad else FORWARD_RTOL,
-                           atol_floor=floor, what=what)
+        assert_fixture_matches_live(case_name, mode, results[mode],
+                                    fresults[mode])

@@ -31,8 +31,6 @@ the noise kernels are NaN (0 * inf in erf's gradient); ours must be finite
 and exactly zero there (the documented deviation).
 """
 
-import hashlib
-import importlib.util
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -44,24 +42,12 @@ from absl.testing import parameterized
 from keras.src import testing
 
 import keras_moe
+import oracle
+from parity_checks import (
+    FORWARD_RTOL, GRAD_RTOL, NO_ORIGINAL, FixtureFile, LiveOriginal,
+    assert_fixture_matches_live, assert_matches, digest, grad_floor,
+)
 
-
-def _load_oracle_harness():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                        "oracle.py")
-    spec = importlib.util.spec_from_file_location("_keras_moe_parity_oracle",
-                                                  path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-oracle = _load_oracle_harness()
-
-FORWARD_RTOL = 1e-5
-GRAD_RTOL = 1e-4
-ATOL_FRACTION = 1e-5  # of max|reference|
-GRAD_FLOOR_FRACTION = 2e-6  # of the largest gradient of the case and mode
 
 # Cases run against the live original by default (each of its graphs takes
 # seconds to build): several datashards, k = 1 and k = n at each level, an
@@ -96,53 +82,15 @@ LIVE_PARAMS = [dict(testcase_name=name, case_name=name)
 # Reference data: committed fixtures and the live oracle (both cached).
 # --------------------------------------------------------------------------
 
-_FIXTURES = {}
-
-
-def fixture(case_name):
-    """(case, data, {mode: results}) from parity_hierarchical.npz."""
-    if "npz" not in _FIXTURES:
-        npz = np.load(oracle.HIER_DEFAULT_FIXTURES)
-        _FIXTURES["npz"] = npz
-        _FIXTURES["meta"] = oracle.read_meta(npz)
-    got = oracle.unpack_hier(_FIXTURES["npz"], case_name, _FIXTURES["meta"])
-    if got is None:
-        raise AssertionError(
-            "case %r is missing from %s; regenerate it with "
-            "tools/make_hierarchical_fixtures.py --original PATH" %
-            (case_name, oracle.HIER_DEFAULT_FIXTURES))
-    return got
-
-
-_LIVE = {}
-
-
-def original_path():
-    return oracle.find_original()
-
-
-def live(case_name):
-    """(case, data, {mode: results}) from running the original now."""
-    if case_name not in _LIVE:
-        module = oracle.load_original(original_path())
-        case = oracle.HIER_CASES_BY_NAME[case_name]
-        data = oracle.make_hier_case_data(case)
-        _LIVE[case_name] = (case, data,
-                            oracle.run_hier_oracle(module, case, data))
-    return _LIVE[case_name]
+fixture = FixtureFile(oracle.HIER_DEFAULT_FIXTURES, oracle.unpack_hier,
+                      "tools/make_hierarchical_fixtures.py")
+live = LiveOriginal(oracle.HIER_CASES_BY_NAME, oracle.make_hier_case_data,
+                    oracle.run_hier_oracle)
 
 
 # --------------------------------------------------------------------------
 # keras_moe on the same data (cached by case and data digest).
 # --------------------------------------------------------------------------
-
-
-def _digest(data):
-    h = hashlib.sha1()
-    for key in sorted(data):
-        h.update(key.encode())
-        h.update(np.ascontiguousarray(data[key], np.float32).tobytes())
-    return h.hexdigest()
 
 
 def _ours(case, data):
@@ -236,57 +184,10 @@ _OURS = {}
 
 
 def ours(case, data):
-    key = (case["name"], _digest(data))
+    key = (case["name"], digest(data))
     if key not in _OURS:
         _OURS[key] = _ours(case, data)
     return _OURS[key]
-
-
-# --------------------------------------------------------------------------
-# Comparison (the rules of tests/test_parity.py).
-# --------------------------------------------------------------------------
-
-
-def _max_abs(a):
-    a = np.asarray(a, np.float64)
-    a = a[np.isfinite(a)]
-    return float(np.max(np.abs(a))) if a.size else 0.0
-
-
-def assert_matches(actual, desired, rtol, atol_floor=0.0, nan_ok=False,
-                   what=""):
-    """allclose with atol = max(ATOL_FRACTION * max|desired|, atol_floor).
-
-    Where `desired` is NaN (allowed only with `nan_ok`, the documented
-    deviation), `actual` must be finite and exactly zero.
-    """
-    actual = np.asarray(actual, np.float64)
-    desired = np.asarray(desired, np.float64)
-    assert actual.shape == desired.shape, (
-        "%s: shape %s, reference %s" % (what, actual.shape, desired.shape))
-    nan = np.isnan(desired)
-    if nan.any():
-        assert nan_ok, "%s: the reference has NaN where none is expected" % (
-            what,)
-        bad = ~(np.isfinite(actual[nan]) & (actual[nan] == 0))
-        assert not bad.any(), (
-            "%s: where the original's gradient is NaN (the documented "
-            "deviation) ours must be exactly zero; got %s" %
-            (what, actual[nan][bad][:8]))
-    finite = ~nan
-    a, d = actual[finite], desired[finite]
-    atol = max(ATOL_FRACTION * _max_abs(d), atol_floor)
-    diff = np.abs(a - d)
-    rel = diff / np.maximum(np.abs(d), 1e-30)
-    np.testing.assert_allclose(
-        a, d, rtol=rtol, atol=atol,
-        err_msg="%s: max abs diff %.3g, max rel diff %.3g, atol %.3g" %
-        (what, diff.max(initial=0.0), rel.max(initial=0.0), atol))
-
-
-def _grad_floor(results, prefix):
-    g = [_max_abs(v) for k, v in results.items() if k.startswith(prefix)]
-    return GRAD_FLOOR_FRACTION * max(g + [0.0])
 
 
 def _is_noise_kernel(name):
@@ -319,7 +220,7 @@ def check(case, ref, mine, mode, source):
         np.repeat(np.arange(mine["gates"].shape[1]),
                   np.sum(ref["gates"] != 0, axis=0)),
         err_msg=what + " expert_index")
-    floor = _grad_floor(ref, "grad/")
+    floor = grad_floor(ref, "grad/")
     for name in oracle.hier_weight_names(case):
         key = "grad/" + name
         assert_matches(mine[key], ref[key], GRAD_RTOL, atol_floor=floor,
@@ -381,11 +282,8 @@ class HierarchicalParityLiveOracleTest(testing.TestCase):
 
     def setUp(self):
         super().setUp()
-        if original_path() is None:
-            self.skipTest(
-                "the original expert_utils_2017.py was not found: set "
-                "KERAS_MOE_ORIGINAL to its path or place it at "
-                "<repo>/../shared/reference/expert_utils_2017.py")
+        if oracle.find_original() is None:
+            self.skipTest(NO_ORIGINAL)
 
     @parameterized.named_parameters(*LIVE_PARAMS)
     def test_moe(self, case_name):
@@ -400,16 +298,5 @@ class HierarchicalParityLiveOracleTest(testing.TestCase):
         case, data, results = live(case_name)
         _, _, fresults = fixture(case_name)
         for mode, _ in oracle.MODES:
-            ref, stored = results[mode], fresults[mode]
-            self.assertEqual(sorted(ref), sorted(stored))
-            for key in ref:
-                grad = "grad" in key
-                what = "%s [%s] fixture vs live %s" % (case_name, mode, key)
-                nan = np.isnan(ref[key])
-                np.testing.assert_array_equal(
-                    np.isnan(stored[key]), nan,
-                    err_msg=what + ": NaN positions")
-                floor = _grad_floor(ref, "grad/") if grad else 0.0
-                assert_matches(stored[key][~nan], ref[key][~nan],
-                               GRAD_RTOL if grad else FORWARD_RTOL,
-                               atol_floor=floor, what=what)
+            assert_fixture_matches_live(case_name, mode, results[mode],
+                                        fresults[mode])
