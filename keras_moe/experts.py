@@ -4,7 +4,7 @@
 import keras
 import tensorflow as tf
 
-from keras_moe import grouped_matmul, initialization, validation
+from keras_moe import grouped_feed_forward, initialization, validation
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -130,13 +130,11 @@ class FeedForwardExperts(keras.layers.Layer):
         kernels = [
             tf.cast(kernel, self.compute_dtype) for kernel in self.kernels
         ]
-        # One matmul per expert, or one batched matmul over the slabs.
-        return self._forward(
-            x,
-            kernels,
-            lambda x, kernel: grouped_matmul.grouped_matmul(
-                x, kernel, part_sizes
-            ),
+        if stacked:
+            # One batched matmul per layer over all experts' slabs.
+            return self._forward(x, kernels, grouped_feed_forward.slab_matmul)
+        return grouped_feed_forward.grouped_feed_forward(
+            x, kernels, part_sizes, self._between_layers
         )
 
     def call_expert(self, x, expert_index):
@@ -154,16 +152,19 @@ class FeedForwardExperts(keras.layers.Layer):
     def _forward(self, x, kernels, multiply):
         """The layers on `x`, `multiply(x, kernel)` being each layer's
         matmul."""
-        input_dim = self.layer_sizes[0]
-        num_layers = len(kernels)
         for layer, kernel in enumerate(kernels):
-            x = multiply(x, kernel)
-            fan_in = self.layer_sizes[layer]
-            if self.autoscale and fan_in != input_dim:
-                x *= (fan_in / input_dim) ** -0.5
-            if layer + 1 < num_layers:
-                x = self.hidden_activation(x)
+            x = self._between_layers(layer, multiply(x, kernel))
         return x
+
+    def _between_layers(self, layer, z):
+        """What follows layer `layer`'s matmul: the original's autoscale
+        and, except after the last layer, the hidden activation."""
+        fan_in = self.layer_sizes[layer]
+        if self.autoscale and fan_in != self.layer_sizes[0]:
+            z *= (fan_in / self.layer_sizes[0]) ** -0.5
+        if layer + 2 < len(self.layer_sizes):
+            z = self.hidden_activation(z)
+        return z
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_dim or input_shape[-1],)

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from keras_moe import (
-    balance, callbacks, dispatch, experts, gating, grouped_matmul,
+    balance, callbacks, dispatch, experts, gating, grouped_feed_forward,
     introspection, moe,
 )
 
 MODULES = [
-    balance, callbacks, dispatch, experts, gating, grouped_matmul,
+    balance, callbacks, dispatch, experts, gating, grouped_feed_forward,
     introspection, moe,
 ]
 

@@ -1,0 +1,183 @@
+"""grouped_feed_forward and slab_matmul against autodiff of the same
+per-group computation, in both backward forms."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_moe import grouped_feed_forward as grouped_module
+from keras_moe.grouped_feed_forward import grouped_feed_forward, slab_matmul
+
+PART_SIZES = [
+    [3, 0, 5, 1],
+    [0, 0, 0, 0],
+    [40, 0, 0, 1],
+    [1, 1, 1, 1],
+    [0, 7, 0, 0],
+]
+
+
+def _relu_scaled(layer, z):
+    # The experts' default: autoscale after the hidden layer, no
+    # activation after the last.
+    return tf.nn.relu(z) if layer == 0 else z * 0.5
+
+
+def _gelu_three_layers(layer, z):
+    return tf.nn.gelu(z) if layer < 2 else z
+
+
+BETWEEN = {
+    "relu_2_layers": (_relu_scaled, (6, 7, 5)),
+    "gelu_3_layers": (_gelu_three_layers, (6, 4, 3, 5)),
+    "linear_1_layer": (lambda layer, z: z, (6, 5)),
+}
+
+
+def _reference(x, kernels, part_sizes, between_layers):
+    """The same computation, group by group, left to autodiff."""
+    num_groups = kernels[0].shape[0]
+    outputs = []
+    parts = tf.split(x, part_sizes, num=num_groups)
+    per_group = list(zip(*[tf.unstack(k, num=num_groups) for k in kernels]))
+    for a, group_kernels in zip(parts, per_group):
+        for layer, k in enumerate(group_kernels):
+            a = between_layers(layer, tf.matmul(a, k))
+        outputs.append(a)
+    return tf.concat(outputs, 0)
+
+
+def _values_and_gradients(fn, x, kernels):
+    with tf.GradientTape() as tape:
+        tape.watch([x, *kernels])
+        y = tf.cast(fn(x, kernels), tf.float32)
+        # A non-linear loss so that dy differs per row.
+        loss = tf.reduce_sum(y * tf.sin(y))
+    return [y, *tape.gradient(loss, [x, *kernels])]
+
+
+def _assert_same(ours, reference, x, kernels, rtol=1e-5, atol=1e-5):
+    got = _values_and_gradients(ours, x, kernels)
+    want = _values_and_gradients(reference, x, kernels)
+    names = ["outputs", "d_x"] + [f"d_kernel_{i}" for i in range(len(kernels))]
+    for name, g, w in zip(names, got, want):
+        assert g.shape == w.shape, name
+        np.testing.assert_allclose(
+            tf.cast(g, tf.float32), w, rtol=rtol, atol=atol, err_msg=name
+        )
+
+
+def _inputs(part_sizes, sizes, dtype="float32", seed=0):
+    rng = np.random.default_rng(seed)
+    x = tf.constant(rng.normal(size=(sum(part_sizes), sizes[0])), dtype)
+    kernels = [
+        tf.constant(rng.normal(size=(len(part_sizes), a, b)) * 0.5, dtype)
+        for a, b in zip(sizes[:-1], sizes[1:])
+    ]
+    return x, kernels, tf.constant(part_sizes, tf.int32)
+
+
+@pytest.mark.parametrize("part_sizes", PART_SIZES)
+@pytest.mark.parametrize("between", sorted(BETWEEN))
+@pytest.mark.parametrize(
+    "small_group_rows", [-1, 1000], ids=["autodiff_forms", "small_forms"]
+)
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "function"])
+def test_matches_autodiff(part_sizes, between, small_group_rows, traced,
+                          monkeypatch):
+    # The row limit picks the backward form: -1 always autodiff's, 1000
+    # always the small-group one (padded batched kernel gradient,
+    # untransposed input gradient).
+    monkeypatch.setattr(grouped_module, "SMALL_GROUP_ROWS", small_group_rows)
+    between_layers, sizes = BETWEEN[between]
+    x, kernels, part_sizes = _inputs(part_sizes, sizes)
+
+    def ours(x, kernels):
+        return grouped_feed_forward(x, kernels, part_sizes, between_layers)
+
+    def reference(x, kernels):
+        return _reference(x, kernels, part_sizes, between_layers)
+
+    if traced:
+        ours, reference = tf.function(ours), tf.function(reference)
+    _assert_same(ours, reference, x, kernels)
+
+
+def test_empty_group_gets_zero_kernel_gradient():
+    x, kernels, part_sizes = _inputs([2, 0, 3], (6, 7, 5))
+    _, _, *d_kernels = _values_and_gradients(
+        lambda x, k: grouped_feed_forward(x, k, part_sizes, _relu_scaled),
+        x, kernels,
+    )
+    for d_kernel in d_kernels:
+        assert float(tf.reduce_max(tf.abs(d_kernel[1]))) == 0.0
+        assert float(tf.reduce_max(tf.abs(d_kernel[0]))) > 0.0
+
+
+def test_float16():
+    x, kernels, part_sizes = _inputs([2, 3, 0, 4], (6, 7, 5), "float16")
+    y = grouped_feed_forward(x, kernels, part_sizes, _relu_scaled)
+    assert y.dtype == tf.float16
+    _assert_same(
+        lambda x, k: grouped_feed_forward(x, k, part_sizes, _relu_scaled),
+        lambda x, k: _reference(x, k, part_sizes, _relu_scaled),
+        x, kernels, rtol=1e-2, atol=1e-2,
+    )
+
+
+def test_unknown_number_of_groups_is_an_error():
+    fn = tf.function(
+        lambda x, k, p: grouped_feed_forward(x, [k], p, _relu_scaled),
+        input_signature=[
+            tf.TensorSpec([None, 6]),
+            tf.TensorSpec([None, 6, 5]),
+            tf.TensorSpec([None], tf.int32),
+        ],
+    )
+    with pytest.raises(ValueError, match=r"kernels\[0\].shape=\(None, 6, 5\)"):
+        fn.get_concrete_function()
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 5, 70])
+@pytest.mark.parametrize(
+    "traced", [None, "static", "dynamic"],
+    ids=["eager", "static_capacity", "dynamic_capacity"],
+)
+def test_slabs_match_autodiff(capacity, traced):
+    # More than SMALL_GROUP_ROWS rows per slab takes autodiff's input
+    # gradient; a capacity unknown when tracing chooses at run time.
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(size=(3, capacity, 6)), tf.float32)
+    kernel = tf.constant(rng.normal(size=(3, 6, 5)), tf.float32)
+    ours, reference = slab_matmul, tf.matmul
+    if traced:
+        capacity_dim = None if traced == "dynamic" else capacity
+        signature = [tf.TensorSpec([3, capacity_dim, 6]),
+                     tf.TensorSpec([3, 6, 5])]
+        ours = tf.function(ours, input_signature=signature)
+        reference = tf.function(reference, input_signature=signature)
+    _assert_same(
+        lambda x, kernels: ours(x, kernels[0]),
+        lambda x, kernels: reference(x, kernels[0]),
+        x, [kernel],
+    )
+
+
+@pytest.mark.parametrize(
+    "fn, x_shape, message",
+    [
+        (lambda x: slab_matmul(x, tf.zeros([2, 6, 5])), (4, 6),
+         r"must be 3-D .*x.shape=\(4, 6\)"),
+        (lambda x: grouped_feed_forward(
+            x, [tf.zeros([2, 6, 5])], tf.constant([1, 1]), _relu_scaled),
+         (2, 2, 6), r"must be 2-D .*x.shape=\(2, 2, 6\)"),
+    ],
+    ids=["slab_matmul", "grouped_feed_forward"],
+)
+def test_layout_errors_name_the_shape(fn, x_shape, message):
+    with pytest.raises(ValueError, match=message):
+        fn(tf.zeros(x_shape))
