@@ -350,24 +350,7 @@ def run_oracle(module, case, data):
 
 def pack(case_results, extra_meta=None):
     """{case_name: (data, {mode: results})} -> dict of arrays for np.savez."""
-    flat, meta = {}, {"cases": [], "index": {}}
-    meta.update(extra_meta or {})
-    for name, (data, results) in case_results.items():
-        items = [("data/" + key, val) for key, val in sorted(data.items())]
-        for mode, res in results.items():
-            items += [("%s/%s" % (mode, key), val)
-                      for key, val in sorted(res.items())]
-        index, parts, offset = [], [], 0
-        for key, val in items:
-            val = np.asarray(val, np.float32)
-            index.append([key, offset, list(val.shape)])
-            parts.append(val.reshape(-1))
-            offset += val.size
-        flat[name] = np.concatenate(parts)
-        meta["cases"].append(CASES_BY_NAME[name])
-        meta["index"][name] = index
-    flat["__meta__"] = np.array(json.dumps(meta))
-    return flat
+    return pack_cases(case_results, CASES_BY_NAME, extra_meta)
 
 
 def read_meta(npz):
@@ -792,7 +775,8 @@ def run_hier_oracle(module, case, data):
 
 
 def pack_cases(case_results, cases_by_name, extra_meta=None):
-    """`pack` for any case table: {name: (data, {mode: results})}."""
+    """{case_name: (data, {mode: results})} -> dict of arrays for np.savez,
+    the cases described from `cases_by_name`."""
     flat, meta = {}, {"cases": [], "index": {}}
     meta.update(extra_meta or {})
     for name, (data, results) in case_results.items():

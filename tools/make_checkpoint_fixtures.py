@@ -15,8 +15,6 @@ outputs on it (`<kind>/y`, `<kind>/importance`, `<kind>/load`), and the
 configurations as JSON in `__meta__`.
 """
 
-import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -26,37 +24,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_oracle_harness():
-    path = os.path.join(REPO_ROOT, "tests", "oracle.py")
-    spec = importlib.util.spec_from_file_location("_keras_moe_parity_oracle",
-                                                  path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import fixture_cli
+from fixture_cli import REPO_ROOT
 
 
 def main(argv=None):
-    oracle = _load_oracle_harness()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--original", default=oracle.find_original(),
-                        help="path of the original expert_utils_2017.py "
-                        "(default: $KERAS_MOE_ORIGINAL or "
-                        "../shared/reference/expert_utils_2017.py)")
-    parser.add_argument("--out", default=oracle.CHECKPOINT_DIR)
-    args = parser.parse_args(argv)
-    if not args.original or not os.path.isfile(args.original):
-        parser.error("--original: no such file: %r" % (args.original,))
-    module = oracle.load_original(args.original)
+    oracle = fixture_cli.load_oracle()
+    args, module = fixture_cli.parse_args(
+        __doc__, oracle, oracle.CHECKPOINT_DIR, argv)
 
     import tensorflow as tf
 
     arrays = {}
-    meta = {"tensorflow": tf.__version__,
-            "original": os.path.basename(args.original),
-            "step": oracle.CHECKPOINT_STEP, "cases": {}}
+    meta = dict(fixture_cli.original_meta(args),
+                step=oracle.CHECKPOINT_STEP, cases={})
     for kind in oracle.COMMITTED_CHECKPOINT_KINDS:
         directory = os.path.join(args.out, kind)
         if os.path.isdir(directory):

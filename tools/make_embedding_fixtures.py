@@ -16,62 +16,31 @@ lookups, losses and gradients. tests/test_embedding.py and
 tests/test_sampled_softmax.py compare keras_moe against the file.
 """
 
-import argparse
-import importlib.util
 import os
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import fixture_cli
 
 
-def _load_oracle_harness():
-    path = os.path.join(REPO_ROOT, "tests", "oracle.py")
-    spec = importlib.util.spec_from_file_location("_keras_moe_parity_oracle",
-                                                  path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _non_finite(results):
+    return sorted(k for k, v in results["ref"].items()
+                  if not np.isfinite(v).all())
 
 
 def main(argv=None):
-    oracle = _load_oracle_harness()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--original", default=oracle.find_original(),
-                        help="path of the original expert_utils_2017.py "
-                        "(default: $KERAS_MOE_ORIGINAL or "
-                        "../shared/reference/expert_utils_2017.py)")
-    parser.add_argument("--out", default=oracle.EMBEDDING_FIXTURES)
-    args = parser.parse_args(argv)
-    if not args.original or not os.path.isfile(args.original):
-        parser.error("--original: no such file: %r" % (args.original,))
-
-    module = oracle.load_original(args.original)
-    case_results = {}
-    for case in oracle.EMBEDDING_SOFTMAX_CASES:
-        start = time.time()
-        data = oracle.make_embedding_case_data(case)
-        results = oracle.run_embedding_softmax_oracle(module, case, data)
-        bad = sorted(k for k, v in results["ref"].items()
-                     if not np.isfinite(v).all())
-        case_results[case["name"]] = (data, results)
-        print("%-28s %.2fs  non-finite: %s" % (case["name"],
-                                               time.time() - start, bad))
-
-    import tensorflow as tf
-
-    flat = oracle.pack_embedding_softmax(
-        case_results, {"tensorflow": tf.__version__,
-                       "original": os.path.basename(args.original)})
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez_compressed(args.out, **flat)
-    print("wrote %s (%d arrays, %d bytes)" %
-          (args.out, len(flat), os.path.getsize(args.out)))
-
+    oracle = fixture_cli.load_oracle()
+    args, module = fixture_cli.parse_args(
+        __doc__, oracle, oracle.EMBEDDING_FIXTURES, argv)
+    case_results = fixture_cli.run_cases(
+        oracle.EMBEDDING_SOFTMAX_CASES, oracle.make_embedding_case_data,
+        oracle.run_embedding_softmax_oracle, module, _non_finite,
+        "non-finite")
+    fixture_cli.save_npz(args.out, oracle.pack_embedding_softmax(
+        case_results, fixture_cli.original_meta(args)))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,80 +11,19 @@ noise and the original's gates, load, importance, outputs, aux loss and
 gradients. tests/test_parity.py compares keras_moe against the file.
 """
 
-import argparse
-import importlib.util
 import os
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_oracle_harness():
-    path = os.path.join(REPO_ROOT, "tests", "oracle.py")
-    spec = importlib.util.spec_from_file_location("_keras_moe_parity_oracle",
-                                                  path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import fixture_cli
 
 
 def main(argv=None):
-    oracle = _load_oracle_harness()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--original", default=oracle.find_original(),
-                        help="path of the original expert_utils_2017.py "
-                        "(default: $KERAS_MOE_ORIGINAL or "
-                        "../shared/reference/expert_utils_2017.py)")
-    parser.add_argument("--out", default=oracle.DEFAULT_FIXTURES)
-    parser.add_argument("--cases", nargs="*", default=None,
-                        help="subset of case names (default: all); the "
-                        "other cases already in --out are kept")
-    args = parser.parse_args(argv)
-    if not args.original or not os.path.isfile(args.original):
-        parser.error("--original: no such file: %r" % (args.original,))
-
-    module = oracle.load_original(args.original)
-    names = args.cases or [c["name"] for c in oracle.CASES]
-    unknown = [n for n in names if n not in oracle.CASES_BY_NAME]
-    if unknown:
-        parser.error("--cases: unknown case(s) %r; known: %r" %
-                     (unknown, sorted(oracle.CASES_BY_NAME)))
-
-    case_results = {}
-    for name in names:
-        case = oracle.CASES_BY_NAME[name]
-        start = time.time()
-        data = oracle.make_case_data(case)
-        results = oracle.run_oracle(module, case, data)
-        case_results[name] = (data, results)
-        nan = {mode: sorted(k for k, v in res.items() if np.isnan(v).any())
-               for mode, res in results.items()}
-        print("%-28s %.2fs  NaN: %s" % (name, time.time() - start, nan))
-
-    if args.cases and os.path.isfile(args.out):
-        old = np.load(args.out)
-        meta = oracle.read_meta(old)
-        for name in meta["index"]:
-            if name not in case_results and name in oracle.CASES_BY_NAME:
-                _, data, results = oracle.unpack(old, name, meta)
-                case_results[name] = (data, results)
-        order = [c["name"] for c in oracle.CASES]
-        case_results = {n: case_results[n] for n in order if n in case_results}
-
-    import tensorflow as tf
-
-    flat = oracle.pack(case_results, {"tensorflow": tf.__version__,
-                                      "original": os.path.basename(
-                                          args.original)})
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez_compressed(args.out, **flat)
-    print("wrote %s (%d arrays, %d bytes)" %
-          (args.out, len(flat), os.path.getsize(args.out)))
+    oracle = fixture_cli.load_oracle()
+    fixture_cli.make_case_fixtures(
+        __doc__, argv, oracle, oracle.DEFAULT_FIXTURES, oracle.CASES,
+        oracle.make_case_data, oracle.run_oracle, oracle.unpack, oracle.pack)
 
 
 if __name__ == "__main__":
