@@ -279,6 +279,30 @@ def build_ours(shape, data, dispatch):
     return layer
 
 
+def mode_functions(forward, weights, jit_compile=False):
+    """{mode: tf.function(x)} from `forward(x, training) -> (y, aux)`: the
+    training forward, the training forward + backward (gradients of
+    `sum(y**2) + aux` w.r.t. `weights`) and the inference forward."""
+    import tensorflow as tf
+
+    def train_fwd(x):
+        return forward(x, True)
+
+    def train_fwd_bwd(x):
+        with tf.GradientTape() as tape:
+            y, aux = forward(x, True)
+            loss = tf.reduce_sum(tf.square(y)) + aux
+        return tape.gradient(loss, weights)
+
+    def infer_fwd(x):
+        return forward(x, False)
+
+    return {name: tf.function(fn, jit_compile=jit_compile)
+            for name, fn in (("train_fwd", train_fwd),
+                             ("train_fwd_bwd", train_fwd_bwd),
+                             ("infer_fwd", infer_fwd))}
+
+
 def ours_functions(layer, jit_compile=False):
     """{mode: tf.function(x)} for one of our layers."""
     import tensorflow as tf
@@ -288,22 +312,7 @@ def ours_functions(layer, jit_compile=False):
         aux = tf.add_n(layer.losses)
         return y, aux
 
-    def train_fwd(x):
-        return forward(x, True)
-
-    def train_fwd_bwd(x):
-        with tf.GradientTape() as tape:
-            y, aux = forward(x, True)
-            loss = tf.reduce_sum(tf.square(y)) + aux
-        return tape.gradient(loss, layer.trainable_weights)
-
-    def infer_fwd(x):
-        return forward(x, False)
-
-    return {name: tf.function(fn, jit_compile=jit_compile)
-            for name, fn in (("train_fwd", train_fwd),
-                             ("train_fwd_bwd", train_fwd_bwd),
-                             ("infer_fwd", infer_fwd))}
+    return mode_functions(forward, layer.trainable_weights, jit_compile)
 
 
 def dense_functions(layer, shape):
@@ -326,22 +335,7 @@ def dense_functions(layer, shape):
                            + keras_moe.cv_squared(load))
         return y, aux
 
-    def train_fwd(x):
-        return forward(x, True)
-
-    def train_fwd_bwd(x):
-        with tf.GradientTape() as tape:
-            y, aux = forward(x, True)
-            loss = tf.reduce_sum(tf.square(y)) + aux
-        return tape.gradient(loss, weights)
-
-    def infer_fwd(x):
-        return forward(x, False)
-
-    return {name: tf.function(fn)
-            for name, fn in (("train_fwd", train_fwd),
-                             ("train_fwd_bwd", train_fwd_bwd),
-                             ("infer_fwd", infer_fwd))}
+    return mode_functions(forward, weights)
 
 
 def oracle_functions(shape, data):
@@ -1485,12 +1479,10 @@ def main(argv=None):
         original = None
     load_before = load_average()
     log("load average before: %s" % load_before)
-    xla_flags = None
     if args.quick and "XLA_FLAGS" not in os.environ:
         # --quick checks that everything runs: compile XLA without LLVM
         # optimizations (several times faster to compile).
-        xla_flags = os.environ["XLA_FLAGS"] = (
-            "--xla_backend_optimization_level=0")
+        os.environ["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
 
     import tensorflow as tf
     import keras

@@ -36,29 +36,16 @@ always kills them.
 """
 
 import functools
-import importlib.util
 import json
 import os
 import signal
-import sys
 import threading
 
 import pytest
+from workers import harness
 from strategies import mirrored
 
 
-def _load_harness():
-    path = os.path.join(os.path.dirname(__file__), "workers", "harness.py")
-    name = "_keras_moe_test_workers_harness"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[name] = module
-    return sys.modules[name]
-
-
-harness = _load_harness()
 common = harness.load_worker_module("common")
 
 

@@ -16,27 +16,13 @@ The workers are `tests/workers/mwms_train.py` and `tests/workers/mwms_fit.py`;
 `tests/workers/harness.py` starts them and always kills them.
 """
 
-import importlib.util
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
+from workers import harness
 
 
-def _load_harness():
-    path = os.path.join(os.path.dirname(__file__), "workers", "harness.py")
-    name = "_keras_moe_test_workers_harness"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[name] = module
-    return sys.modules[name]
-
-
-harness = _load_harness()
 common = harness.load_worker_module("common")
 
 NUM_WORKERS = 2

@@ -15,10 +15,8 @@ goes away. If the servers cannot start here (no gRPC on loopback, say) the
 test is skipped with the servers' log.
 """
 
-import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from workers import harness
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 WORKERS_DIR = os.path.join(TESTS_DIR, "workers")
@@ -36,28 +35,7 @@ SERVER_START_TIMEOUT_S = 60
 CHIEF_TIMEOUT_S = 120
 
 
-def _load_ps_train():
-    spec = importlib.util.spec_from_file_location(
-        "_keras_moe_ps_train", os.path.join(WORKERS_DIR, "ps_train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ps_train = _load_ps_train()
-
-
-def _free_ports(n):
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+ps_train = harness.load_worker_module("ps_train")
 
 
 def _env():
@@ -102,7 +80,7 @@ class _ServersDidNotStart(Exception):
 def _run_cluster(tmp_path):
     """Runs the cluster; returns the chief's results (dict of arrays).
     Raises _ServersDidNotStart (with the servers' log) if they could not."""
-    ports = _free_ports(5)
+    ports = harness.free_ports(5)
     addr = ["127.0.0.1:%d" % p for p in ports]
     cluster = {"worker": addr[0:2], "ps": addr[2:4], "chief": addr[4:5]}
     tmp_path.mkdir(parents=True, exist_ok=True)
