@@ -83,24 +83,34 @@ def grouped_feed_forward(x, kernels, part_sizes, between_layers):
             inputs = [between_layers(layer, zi) for zi in z]
         outputs = tf.concat(inputs, 0)
 
+        def between_with_tapes(layer):
+            """`between_layers(layer, z)` per group, recomputed from the
+            saved `z` under a tape each, for its gradient."""
+            tapes, values = [], []
+            for zi in pre[layer]:
+                with tf.GradientTape() as tape:
+                    tape.watch(zi)
+                    values.append(between_layers(layer, zi))
+                tapes.append(tape)
+            return tapes, values
+
         def grad(dy):
             small = tf.reduce_max(part_sizes) <= SMALL_GROUP_ROWS
             d_out = tf.split(dy, part_sizes, num=num_groups, axis=0)
             d_kernels = [None] * num_layers
+            tapes, values = between_with_tapes(num_layers - 1)
             for layer in reversed(range(num_layers)):
-                # Through between_layers, recomputed from the saved z.
-                d_pre = []
-                for zi, gi in zip(pre[layer], d_out):
-                    with tf.GradientTape() as tape:
-                        tape.watch(zi)
-                        ai = between_layers(layer, zi)
-                    d_pre.append(tape.gradient(ai, zi, output_gradients=gi))
-                layer_inputs = (
-                    x_parts if layer == 0 else [
-                        between_layers(layer - 1, zi)
-                        for zi in pre[layer - 1]
-                    ]
-                )
+                d_pre = [
+                    tape.gradient(a, z, output_gradients=g)
+                    for tape, a, z, g in zip(tapes, values, pre[layer], d_out)
+                ]
+                # This layer's inputs, recomputed once: they also give the
+                # previous layer's tapes.
+                if layer == 0:
+                    layer_inputs = x_parts
+                else:
+                    tapes, values = between_with_tapes(layer - 1)
+                    layer_inputs = values
                 d_kernel, d_out = tf.cond(
                     small,
                     lambda: _small_group_backward(
