@@ -3,8 +3,6 @@
 
 import tensorflow as tf
 
-from keras_moe import validation
-
 
 def cv_squared(x):
     """The squared coefficient of variation of a sample.

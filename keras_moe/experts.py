@@ -132,7 +132,9 @@ class FeedForwardExperts(keras.layers.Layer):
         ]
         if stacked:
             # One batched matmul per layer over all experts' slabs.
-            return self._forward(x, kernels, grouped_feed_forward.slab_matmul)
+            return grouped_feed_forward.slab_feed_forward(
+                x, kernels, self._between_layers
+            )
         return grouped_feed_forward.grouped_feed_forward(
             x, kernels, part_sizes, self._between_layers
         )
@@ -147,13 +149,8 @@ class FeedForwardExperts(keras.layers.Layer):
             tf.cast(kernel[expert_index], self.compute_dtype)
             for kernel in self.kernels
         ]
-        return self._forward(x, kernels, tf.matmul)
-
-    def _forward(self, x, kernels, multiply):
-        """The layers on `x`, `multiply(x, kernel)` being each layer's
-        matmul."""
         for layer, kernel in enumerate(kernels):
-            x = self._between_layers(layer, multiply(x, kernel))
+            x = self._between_layers(layer, tf.matmul(x, kernel))
         return x
 
     def _between_layers(self, layer, z):

@@ -1,7 +1,8 @@
-"""The experts' feed-forward layers over grouped rows, with a gradient
-written for many experts with few rows each."""
+"""The experts' feed-forward layers over grouped rows or per-expert slabs,
+with a gradient written for many experts with few rows each."""
 
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 
 # Up to this many rows in the largest group, the backward pass uses the
 # forms that are fast for small groups on CPU (see `grouped_feed_forward`);
@@ -64,27 +65,168 @@ def grouped_feed_forward(x, kernels, part_sizes, between_layers):
         raise ValueError(
             f"`x` must be 2-D [rows, in]. Received: x.shape={x.shape}"
         )
+    def layer_backward(inputs, d_outputs, group_kernels):
+        return tf.cond(
+            tf.reduce_max(part_sizes) <= SMALL_GROUP_ROWS,
+            lambda: _small_group_backward(
+                inputs, d_outputs, group_kernels, part_sizes
+            ),
+            lambda: _autodiff_backward(inputs, d_outputs, group_kernels),
+        )
+
+    return _recomputing_stack(
+        x,
+        kernels,
+        split_rows=lambda t: tf.split(
+            t, part_sizes, num=num_groups, axis=0
+        ),
+        # Unstacking shares the kernels' buffers: no copy.
+        split_kernel=lambda k: tf.unstack(k, num=num_groups),
+        between_layers=between_layers,
+        layer_backward=layer_backward,
+    )
+
+
+def slab_feed_forward(x, kernels, between_layers):
+    """Each expert's slab of rows through its own stack of matmuls.
+
+    The capacity dispatch's experts: `z_l = a_l @ kernels[l]` as one
+    batched matmul over `[groups, capacity, in_l]` slabs,
+    `a_{l+1} = between_layers(l, z_l)`, the last `a` returned. Same
+    numbers as autodiff; the gradient keeps only the matmul outputs `z_l`
+    (`between_layers` is recomputed in the backward pass, which lowers the
+    peak memory of a training step), and for slabs of at most
+    `SMALL_GROUP_ROWS` rows computes the input gradient as
+    `transpose(kernel @ transpose(dz))`, 3x faster on CPU than autodiff's
+    `dz @ transpose(kernel)` (which larger slabs keep). Static shapes
+    throughout: it compiles with XLA.
+
+    Args:
+        x: a float tensor `[groups, capacity, in]`.
+        kernels: a list of float tensors `[groups, in_l, out_l]`, the dtype
+            of `x`.
+        between_layers: `f(layer, z)`, elementwise and differentiable: what
+            follows the matmul of layer `layer` (scaling, activation).
+
+    Returns:
+        A tensor `[groups, capacity, out]`.
+
+    Example:
+
+    >>> kernel = tf.stack([tf.eye(2), 2.0 * tf.eye(2)])
+    >>> y = slab_feed_forward(
+    ...     tf.ones([2, 1, 2]), [kernel, kernel],
+    ...     lambda layer, z: tf.nn.relu(z) if layer == 0 else z)
+    >>> y[:, 0].numpy().tolist()
+    [[1.0, 1.0], [4.0, 4.0]]
+    """
+    if x.shape.rank != 3:
+        raise ValueError(
+            f"`x` must be 3-D [groups, capacity, in]. "
+            f"Received: x.shape={x.shape}"
+        )
+    if _slabs_as_groups():
+        # On a CPU without XLA, TensorFlow's batched matmul with small
+        # slabs is 2-3x slower than one matmul per expert.
+        num_groups, capacity = kernels[0].shape[0], tf.shape(x)[1]
+        y = grouped_feed_forward(
+            tf.reshape(x, [-1, x.shape[2]]),
+            kernels,
+            tf.fill([num_groups], capacity),
+            between_layers,
+        )
+        return tf.reshape(y, [num_groups, x.shape[1] or -1, y.shape[1]])
+
+    def layer_backward(inputs, d_outputs, kernels):
+        (a,), (dz,), (kernel,) = inputs, d_outputs, kernels
+
+        def untransposed():
+            return tf.transpose(
+                tf.matmul(kernel, dz, transpose_b=True), [0, 2, 1]
+            )
+
+        def usual():
+            return tf.matmul(dz, kernel, transpose_b=True)
+
+        capacity = a.shape[1]
+        if capacity is not None:
+            da = untransposed() if capacity <= SMALL_GROUP_ROWS else usual()
+        else:
+            da = tf.cond(
+                tf.shape(a)[1] <= SMALL_GROUP_ROWS, untransposed, usual
+            )
+        return tf.matmul(a, dz, transpose_a=True), [da]
+
+    return _recomputing_stack(
+        x,
+        kernels,
+        split_rows=lambda t: [t],
+        split_kernel=lambda k: [k],
+        between_layers=between_layers,
+        layer_backward=layer_backward,
+    )
+
+
+def slab_matmul(x, kernel):
+    """`x [groups, capacity, in] @ kernel [groups, in, out]`, slab by slab:
+    `slab_feed_forward` with one layer and nothing after it.
+
+    Args:
+        x: a float tensor `[groups, capacity, in]`.
+        kernel: a float tensor `[groups, in, out]`, the dtype of `x`.
+
+    Returns:
+        A tensor `[groups, capacity, out]`.
+
+    Example:
+
+    >>> kernel = tf.stack([tf.eye(2), 2.0 * tf.eye(2)])
+    >>> slab_matmul(tf.ones([2, 1, 2]), kernel)[:, 0].numpy().tolist()
+    [[1.0, 1.0], [2.0, 2.0]]
+    """
+    return slab_feed_forward(x, [kernel], lambda layer, z: z)
+
+
+def _slabs_as_groups():
+    """Whether `slab_feed_forward` runs one matmul per expert: when tracing
+    for a CPU without XLA (no GPU or TPU visible)."""
+    if control_flow_util.GraphOrParentsInXlaContext(
+        tf.compat.v1.get_default_graph()
+    ):
+        return False
+    return not any(
+        tf.config.list_logical_devices(kind) for kind in ("GPU", "TPU")
+    )
+
+
+def _recomputing_stack(
+    x, kernels, split_rows, split_kernel, between_layers, layer_backward
+):
+    """The layers on the parts of `x`, with a gradient that keeps only the
+    matmul outputs.
+
+    `split_rows(t)` cuts `x` (and the output gradient) into parts,
+    `split_kernel(k)` a kernel into the parts' kernels;
+    `layer_backward(inputs, d_outputs, part_kernels)` returns one layer's
+    kernel gradient and its inputs' gradients (lists over parts).
+    """
     num_layers = len(kernels)
 
     @tf.custom_gradient
     def forward(x, *kernels):
-        x_parts = tf.split(x, part_sizes, num=num_groups, axis=0)
-        # Unstacking shares the kernels' buffers: no copy.
-        group_kernels = [tf.unstack(k, num=num_groups) for k in kernels]
-        # pre[l][i]: group i's matmul output at layer l.
+        x_parts = split_rows(x)
+        part_kernels = [split_kernel(k) for k in kernels]
+        # pre[l][i]: part i's matmul output at layer l.
         pre = []
         inputs = x_parts
         for layer in range(num_layers):
-            z = [
-                tf.matmul(a, k)
-                for a, k in zip(inputs, group_kernels[layer])
-            ]
+            z = [tf.matmul(a, k) for a, k in zip(inputs, part_kernels[layer])]
             pre.append(z)
             inputs = [between_layers(layer, zi) for zi in z]
         outputs = tf.concat(inputs, 0)
 
         def between_with_tapes(layer):
-            """`between_layers(layer, z)` per group, recomputed from the
+            """`between_layers(layer, z)` per part, recomputed from the
             saved `z` under a tape each, for its gradient."""
             tapes, values = [], []
             for zi in pre[layer]:
@@ -95,8 +237,7 @@ def grouped_feed_forward(x, kernels, part_sizes, between_layers):
             return tapes, values
 
         def grad(dy):
-            small = tf.reduce_max(part_sizes) <= SMALL_GROUP_ROWS
-            d_out = tf.split(dy, part_sizes, num=num_groups, axis=0)
+            d_out = split_rows(dy)
             d_kernels = [None] * num_layers
             tapes, values = between_with_tapes(num_layers - 1)
             for layer in reversed(range(num_layers)):
@@ -111,17 +252,9 @@ def grouped_feed_forward(x, kernels, part_sizes, between_layers):
                 else:
                     tapes, values = between_with_tapes(layer - 1)
                     layer_inputs = values
-                d_kernel, d_out = tf.cond(
-                    small,
-                    lambda: _small_group_backward(
-                        layer_inputs, d_pre, group_kernels[layer],
-                        part_sizes,
-                    ),
-                    lambda: _autodiff_backward(
-                        layer_inputs, d_pre, group_kernels[layer]
-                    ),
+                d_kernels[layer], d_out = layer_backward(
+                    layer_inputs, d_pre, part_kernels[layer]
                 )
-                d_kernels[layer] = d_kernel
             return (tf.concat(d_out, 0), *d_kernels)
 
         return outputs, grad
@@ -164,55 +297,3 @@ def _small_group_backward(inputs, d_outputs, kernels, part_sizes):
         for g, k in zip(d_outputs, kernels)
     ]
     return d_kernel, d_inputs
-
-
-def slab_matmul(x, kernel):
-    """`x [groups, capacity, in] @ kernel [groups, in, out]`, slab by slab.
-
-    The capacity dispatch's experts' layer: `tf.matmul` with, for slabs of
-    at most `SMALL_GROUP_ROWS` rows, the input gradient computed as
-    `transpose(kernel @ transpose(dy))`, 3x faster on CPU than autodiff's
-    `dy @ transpose(kernel)` (which larger slabs keep).
-
-    Args:
-        x: a float tensor `[groups, capacity, in]`.
-        kernel: a float tensor `[groups, in, out]`, the dtype of `x`.
-
-    Returns:
-        A tensor `[groups, capacity, out]`.
-
-    Example:
-
-    >>> kernel = tf.stack([tf.eye(2), 2.0 * tf.eye(2)])
-    >>> slab_matmul(tf.ones([2, 1, 2]), kernel)[:, 0].numpy().tolist()
-    [[1.0, 1.0], [2.0, 2.0]]
-    """
-    if x.shape.rank != 3:
-        raise ValueError(
-            f"`x` must be 3-D [groups, capacity, in]. "
-            f"Received: x.shape={x.shape}"
-        )
-    return _slab_matmul(x, kernel)
-
-
-@tf.custom_gradient
-def _slab_matmul(x, kernel):
-    def grad(dy):
-        def untransposed():
-            return tf.transpose(
-                tf.matmul(kernel, dy, transpose_b=True), [0, 2, 1]
-            )
-
-        def usual():
-            return tf.matmul(dy, kernel, transpose_b=True)
-
-        capacity = x.shape[1]
-        if capacity is not None:
-            dx = untransposed() if capacity <= SMALL_GROUP_ROWS else usual()
-        else:
-            dx = tf.cond(
-                tf.shape(x)[1] <= SMALL_GROUP_ROWS, untransposed, usual
-            )
-        return dx, tf.matmul(x, dy, transpose_a=True)
-
-    return tf.matmul(x, kernel), grad

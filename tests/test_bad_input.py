@@ -1,6 +1,5 @@
 """Bad arguments and inputs raise errors that name the argument and value."""
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf

@@ -1,4 +1,4 @@
-"""grouped_feed_forward and slab_matmul against autodiff of the same
+"""grouped_feed_forward, slab_feed_forward and slab_matmul against autodiff of the same
 per-group computation, in both backward forms."""
 
 import os
@@ -10,7 +10,11 @@ import pytest
 import tensorflow as tf
 
 from keras_moe import grouped_feed_forward as grouped_module
-from keras_moe.grouped_feed_forward import grouped_feed_forward, slab_matmul
+from keras_moe.grouped_feed_forward import (
+    grouped_feed_forward,
+    slab_feed_forward,
+    slab_matmul,
+)
 
 PART_SIZES = [
     [3, 0, 5, 1],
@@ -142,28 +146,104 @@ def test_unknown_number_of_groups_is_an_error():
         fn.get_concrete_function()
 
 
+def _slab_reference(x, kernels, between_layers):
+    for layer, kernel in enumerate(kernels):
+        x = between_layers(layer, tf.matmul(x, kernel))
+    return x
+
+
+def _slab_inputs(capacity, sizes, dtype="float32"):
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(size=(3, capacity, sizes[0])), dtype)
+    kernels = [
+        tf.constant(rng.normal(size=(3, a, b)) * 0.5, dtype)
+        for a, b in zip(sizes[:-1], sizes[1:])
+    ]
+    return x, kernels
+
+
+@pytest.fixture(params=[False, True], ids=["batched", "as_groups"])
+def slabs_as_groups(request, monkeypatch):
+    """Both ways of running slabs: one batched matmul per layer (XLA,
+    GPUs) and one matmul per expert (CPU)."""
+    monkeypatch.setattr(
+        grouped_module, "_slabs_as_groups", lambda: request.param
+    )
+    return request.param
+
+
 @pytest.mark.parametrize("capacity", [0, 1, 5, 70])
+@pytest.mark.parametrize("between", sorted(BETWEEN))
 @pytest.mark.parametrize(
     "traced", [None, "static", "dynamic"],
     ids=["eager", "static_capacity", "dynamic_capacity"],
 )
-def test_slabs_match_autodiff(capacity, traced):
+def test_slabs_match_autodiff(capacity, between, traced, slabs_as_groups):
     # More than SMALL_GROUP_ROWS rows per slab takes autodiff's input
     # gradient; a capacity unknown when tracing chooses at run time.
-    rng = np.random.default_rng(1)
-    x = tf.constant(rng.normal(size=(3, capacity, 6)), tf.float32)
-    kernel = tf.constant(rng.normal(size=(3, 6, 5)), tf.float32)
-    ours, reference = slab_matmul, tf.matmul
+    between_layers, sizes = BETWEEN[between]
+    x, kernels = _slab_inputs(capacity, sizes)
+
+    def ours(x, *kernels):
+        return slab_feed_forward(x, list(kernels), between_layers)
+
+    def reference(x, *kernels):
+        return _slab_reference(x, kernels, between_layers)
+
     if traced:
         capacity_dim = None if traced == "dynamic" else capacity
-        signature = [tf.TensorSpec([3, capacity_dim, 6]),
-                     tf.TensorSpec([3, 6, 5])]
+        signature = [tf.TensorSpec([3, capacity_dim, sizes[0]])] + [
+            tf.TensorSpec(k.shape) for k in kernels
+        ]
         ours = tf.function(ours, input_signature=signature)
         reference = tf.function(reference, input_signature=signature)
     _assert_same(
-        lambda x, kernels: ours(x, kernels[0]),
-        lambda x, kernels: reference(x, kernels[0]),
-        x, [kernel],
+        lambda x, kernels: ours(x, *kernels),
+        lambda x, kernels: reference(x, *kernels),
+        x, kernels,
+    )
+
+
+@pytest.mark.parametrize("capacity", [2, 70])
+def test_slab_matmul_is_a_batched_matmul(capacity, slabs_as_groups):
+    x, kernels = _slab_inputs(capacity, (6, 5))
+    _assert_same(
+        lambda x, kernels: slab_matmul(x, kernels[0]),
+        lambda x, kernels: tf.matmul(x, kernels[0]),
+        x, kernels,
+    )
+
+
+def test_slabs_float16(slabs_as_groups):
+    x, kernels = _slab_inputs(4, (6, 7, 5), "float16")
+    assert slab_feed_forward(x, kernels, _relu_scaled).dtype == tf.float16
+    _assert_same(
+        lambda x, k: slab_feed_forward(x, k, _relu_scaled),
+        lambda x, k: _slab_reference(x, k, _relu_scaled),
+        x, kernels, rtol=1e-2, atol=1e-2,
+    )
+
+
+@pytest.mark.skipif(
+    bool(tf.config.list_logical_devices("GPU")), reason="CPU choice"
+)
+def test_slabs_run_as_groups_on_cpu_but_batched_under_xla():
+    def choice():
+        return tf.constant(grouped_module._slabs_as_groups())
+
+    assert bool(choice())
+    assert bool(tf.function(choice)())
+    assert not bool(tf.function(choice, jit_compile=True)())
+
+
+def test_slabs_compile_with_xla():
+    x, kernels = _slab_inputs(4, (6, 7, 5))
+    compiled = tf.function(
+        lambda x, k: slab_feed_forward(x, k, _relu_scaled), jit_compile=True
+    )
+    _assert_same(
+        compiled, lambda x, k: _slab_reference(x, k, _relu_scaled),
+        x, kernels,
     )
 
 
@@ -172,11 +252,14 @@ def test_slabs_match_autodiff(capacity, traced):
     [
         (lambda x: slab_matmul(x, tf.zeros([2, 6, 5])), (4, 6),
          r"must be 3-D .*x.shape=\(4, 6\)"),
+        (lambda x: slab_feed_forward(
+            x, [tf.zeros([2, 6, 5])], _relu_scaled), (2, 6),
+         r"must be 3-D .*x.shape=\(2, 6\)"),
         (lambda x: grouped_feed_forward(
             x, [tf.zeros([2, 6, 5])], tf.constant([1, 1]), _relu_scaled),
          (2, 2, 6), r"must be 2-D .*x.shape=\(2, 2, 6\)"),
     ],
-    ids=["slab_matmul", "grouped_feed_forward"],
+    ids=["slab_matmul", "slab_feed_forward", "grouped_feed_forward"],
 )
 def test_layout_errors_name_the_shape(fn, x_shape, message):
     with pytest.raises(ValueError, match=message):

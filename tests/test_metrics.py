@@ -4,7 +4,6 @@ own routing on the same batch, on one device and under MirroredStrategy."""
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_moe
 from strategies import mirrored
