@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import keras_moe
+from keras_moe import grouped_feed_forward
 from keras_moe.dispatch import CapacityDispatcher
 
 
@@ -57,7 +58,14 @@ def _pair(**kwargs):
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("masked", [False, True])
-def test_equals_sparse_dispatch_when_nothing_is_dropped(training, masked):
+@pytest.mark.parametrize("slabs_as_groups", [True, False],
+                         ids=["per_expert", "batched"])
+def test_equals_sparse_dispatch_when_nothing_is_dropped(
+        training, masked, slabs_as_groups, monkeypatch):
+    # Both forms of the experts' slabs: one matmul per expert (CPU) and
+    # one batched matmul per layer (XLA, GPUs).
+    monkeypatch.setattr(grouped_feed_forward, "_slabs_as_groups",
+                        lambda: slabs_as_groups)
     sparse, capacity = _pair()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3, 8, 6)).astype("float32")
