@@ -236,6 +236,11 @@ def test_slabs_run_as_groups_on_cpu_but_batched_under_xla():
     assert not bool(tf.function(choice, jit_compile=True)())
 
 
+def test_slabs_batched_when_xla_tracing_cannot_be_detected(monkeypatch):
+    monkeypatch.setattr(grouped_module, "control_flow_util", None)
+    assert not grouped_module._slabs_as_groups()
+
+
 def test_slabs_compile_with_xla():
     x, kernels = _slab_inputs(4, (6, 7, 5))
     compiled = tf.function(
