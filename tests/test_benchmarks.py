@@ -124,3 +124,32 @@ def test_quick_run_reports_every_field(quick_run):
         assert heading in stdout, heading
     for name in CONFIGS:
         assert "] %s done in" % name in stderr, name
+
+
+def test_expert_kernels_quick_run_reports_every_field(tmp_path):
+    # benchmarks/bench_expert_kernels.py: TensorFlow's per-expert matmuls
+    # against numpy's BLAS. Fields only; no timing is asserted.
+    script = os.path.join(oracle.REPO_ROOT, "benchmarks",
+                          "bench_expert_kernels.py")
+    out = tmp_path / "kernels.json"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+               KERAS_BACKEND="tensorflow")
+    proc = subprocess.run(
+        [sys.executable, script, "--quick", "--json", str(out)],
+        cwd=oracle.REPO_ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out) as f:
+        results = json.load(f)
+    assert results["meta"]["quick"] is True
+    assert set(results["configs"]) == {"small-batch", "many-experts",
+                                       "serving"}
+    for name, entry in results["configs"].items():
+        assert 0 < entry["active_experts"] <= entry["shape"]["experts"]
+        assert set(entry["kernels"]) == {"forward", "kernel_grad"}
+        for kernel, r in entry["kernels"].items():
+            for key in ("tf_s", "blas_s", "tf_gbps", "blas_gbps"):
+                assert r[key] > 0, (name, kernel, key)
+            assert r["blas_over_tf"] == r["blas_s"] / r["tf_s"]
+            assert "| %s | %s |" % (name, kernel) in proc.stdout
