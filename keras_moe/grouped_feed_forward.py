@@ -69,6 +69,7 @@ def grouped_feed_forward(x, kernels, part_sizes, between_layers):
         raise ValueError(
             f"`x` must be 2-D [rows, in]. Received: x.shape={x.shape}"
         )
+
     def layer_backward(inputs, d_outputs, group_kernels):
         return tf.cond(
             tf.reduce_max(part_sizes) <= SMALL_GROUP_ROWS,
@@ -94,16 +95,19 @@ def grouped_feed_forward(x, kernels, part_sizes, between_layers):
 def slab_feed_forward(x, kernels, between_layers):
     """Each expert's slab of rows through its own stack of matmuls.
 
-    The capacity dispatch's experts: `z_l = a_l @ kernels[l]` as one
-    batched matmul over `[groups, capacity, in_l]` slabs,
-    `a_{l+1} = between_layers(l, z_l)`, the last `a` returned. Same
-    numbers as autodiff; the gradient keeps only the matmul outputs `z_l`
-    (`between_layers` is recomputed in the backward pass, which lowers the
-    peak memory of a training step), and for slabs of at most
-    `SMALL_GROUP_ROWS` rows computes the input gradient as
-    `transpose(kernel @ transpose(dz))`, 3x faster on CPU than autodiff's
-    `dz @ transpose(kernel)` (which larger slabs keep). Static shapes
-    throughout: it compiles with XLA.
+    The capacity dispatch's experts: `z_l = a_l @ kernels[l]` slab by
+    slab over `[groups, capacity, in_l]`, `a_{l+1} = between_layers(l,
+    z_l)`, the last `a` returned. Same numbers as autodiff; the gradient
+    keeps only the matmul outputs `z_l` (`between_layers` is recomputed in
+    the backward pass, which lowers the peak memory of a training step),
+    and for slabs of at most `SMALL_GROUP_ROWS` rows computes the input
+    gradient as `transpose(kernel @ transpose(dz))`, 3x faster on CPU than
+    autodiff's `dz @ transpose(kernel)` (which larger slabs keep).
+
+    Traced for XLA, or with a GPU or TPU visible, each layer is one batched
+    matmul (static shapes: it compiles with XLA). Traced for a CPU without
+    XLA, the slabs go through `grouped_feed_forward` as equal groups, one
+    matmul per expert, which TensorFlow runs 2-3x faster there.
 
     Args:
         x: a float tensor `[groups, capacity, in]`.
