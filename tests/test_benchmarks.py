@@ -25,19 +25,24 @@ TIME_KEYS = ("median_s", "min_s", "n", "inner", "first_call_s")
 RATE_KEYS = ("gemm_gflops", "gemm_gflops_best", "read_gbps", "read_gbps_best")
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "quick.json"
+def _quick(script, out, timeout):
+    """Runs a benchmark script with --quick; its JSON, stdout and stderr."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                KERAS_BACKEND="tensorflow")
     proc = subprocess.run(
-        [sys.executable, SCRIPT, "--quick", "--json", str(out)],
+        [sys.executable, script, "--quick", "--json", str(out)],
         cwd=oracle.REPO_ROOT, env=env, capture_output=True, text=True,
-        timeout=420,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(out) as f:
         return json.load(f), proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    return _quick(SCRIPT, tmp_path_factory.mktemp("bench") / "quick.json",
+                  timeout=420)
 
 
 @pytest.mark.slow
@@ -131,17 +136,8 @@ def test_expert_kernels_quick_run_reports_every_field(tmp_path):
     # against numpy's BLAS. Fields only; no timing is asserted.
     script = os.path.join(oracle.REPO_ROOT, "benchmarks",
                           "bench_expert_kernels.py")
-    out = tmp_path / "kernels.json"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-               KERAS_BACKEND="tensorflow")
-    proc = subprocess.run(
-        [sys.executable, script, "--quick", "--json", str(out)],
-        cwd=oracle.REPO_ROOT, env=env, capture_output=True, text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(out) as f:
-        results = json.load(f)
+    results, stdout, _ = _quick(script, tmp_path / "kernels.json",
+                                timeout=300)
     assert results["meta"]["quick"] is True
     assert set(results["configs"]) == {"small-batch", "many-experts",
                                        "serving"}
@@ -152,4 +148,4 @@ def test_expert_kernels_quick_run_reports_every_field(tmp_path):
             for key in ("tf_s", "blas_s", "tf_gbps", "blas_gbps"):
                 assert r[key] > 0, (name, kernel, key)
             assert r["blas_over_tf"] == r["blas_s"] / r["tf_s"]
-            assert "| %s | %s |" % (name, kernel) in proc.stdout
+            assert "| %s | %s |" % (name, kernel) in stdout
