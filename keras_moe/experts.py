@@ -131,7 +131,7 @@ class FeedForwardExperts(keras.layers.Layer):
             tf.cast(kernel, self.compute_dtype) for kernel in self.kernels
         ]
         if stacked:
-            # One batched matmul per layer over all experts' slabs.
+            # Per-expert matmuls on CPU, batched under XLA or on GPUs.
             return grouped_feed_forward.slab_feed_forward(
                 x, kernels, self._between_layers
             )
