@@ -250,7 +250,8 @@ class CapacityDispatcher:
     def dispatch(self, inp):
         """The experts' inputs, `[num_experts, capacity, ...]`; empty slots
         are zero."""
-        padded = tf.concat([tf.zeros_like(inp[:1]), inp], 0)
+        # One zero row in front (also when `inp` has no rows).
+        padded = tf.pad(inp, [[1, 0]] + [[0, 0]] * (inp.shape.rank - 1))
         expert_inputs = tf.gather(padded, self._slot_row)
         return tf.reshape(
             expert_inputs,

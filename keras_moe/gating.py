@@ -157,6 +157,9 @@ class NoisyTopKGating(keras.layers.Layer):
                     "noise", noise, x, "inputs", (self.num_experts,)
                 )
                 noise = tf.cast(noise, tf.float32)
+                if mask is not None:
+                    noise = tf.where(tf.expand_dims(mask, 1), noise, 0.0)
+                noise = validation.check_finite("noise", noise)
             logits = clean_logits + noise * noise_stddev
         else:
             # The original multiplies the stddev by `train`, so in inference

@@ -155,7 +155,12 @@ class _SparseMixtureBase(keras.layers.Layer):
         gating_inputs=None,
         return_routing=False,
         noise=None,
+        inputs_mask=None,
     ):
+        if mask is None:
+            # Keras fills `mask` from `inputs` only when `inputs` is the one
+            # tensor argument; with others it fills `inputs_mask` instead.
+            mask = inputs_mask
         inputs = validation.check_float_tensor("inputs", inputs)
         validation.check_input_shape(
             "inputs", inputs.shape, 2, None, self.input_dim
@@ -198,6 +203,12 @@ class _SparseMixtureBase(keras.layers.Layer):
             # them out of the experts' gradients too. The gate zeroes their
             # gates, so they are not routed and count in no statistic.
             x = tf.where(tf.expand_dims(token_mask, 1), x, tf.zeros((), x.dtype))
+            if multiplier is not None:
+                multiplier = tf.where(token_mask, multiplier, 0.0)
+        if multiplier is not None:
+            multiplier = validation.check_finite_non_negative(
+                "gate_multiplier", multiplier
+            )
         if gating_inputs is not None:
             x = validation.check_finite("inputs", x)
         if noise is not None and len(noise) == 1:
@@ -290,6 +301,7 @@ class _SparseMixtureBase(keras.layers.Layer):
         gating_inputs=None,
         return_routing=False,
         noise=None,
+        inputs_mask=None,
     ):
         outputs = keras.KerasTensor(
             self.compute_output_shape(inputs.shape), dtype=self.compute_dtype
@@ -310,7 +322,14 @@ class _SparseMixtureBase(keras.layers.Layer):
             "token_index": keras.KerasTensor((None,), dtype="int64"),
             "expert_gates": keras.KerasTensor((None,), dtype="float32"),
         }
+        if self._drops_tokens():
+            routing["dropped_fraction"] = keras.KerasTensor((), dtype="float32")
         return outputs, routing
+
+    def _drops_tokens(self):
+        """Whether routing can drop tokens (and reports
+        `dropped_fraction`)."""
+        return False
 
     def compute_mask(self, inputs, mask=None):
         return mask
@@ -383,9 +402,10 @@ class MixtureOfExperts(_SparseMixtureBase):
         training: Python bool; gating noise only when true.
         mask: optional bool tensor `inputs.shape[:-1]`. Masked positions
             are not routed, output zeros and count in neither importance nor
-            load.
-        gate_multiplier: optional float tensor `inputs.shape[:-1]`
-            multiplied into each token's gates (the original's
+            load. Keras passes the mask attached to `inputs` (e.g. by
+            `Embedding(mask_zero=True)`) by itself.
+        gate_multiplier: optional float tensor `inputs.shape[:-1]`, finite
+            and >= 0, multiplied into each token's gates (the original's
             `per_example_multiplier`); a zero sends the token nowhere.
         gating_inputs: optional float tensor `[..., d_gate]` with the same
             leading shape: the gate reads it and the experts read `inputs`
@@ -393,6 +413,8 @@ class MixtureOfExperts(_SparseMixtureBase):
         return_routing: bool; also return a dict of routing tensors.
         noise: optional float tensor `inputs.shape[:-1] + (num_experts,)`,
             the standard-normal gating draw to use instead of a fresh one.
+        inputs_mask: where Keras passes the mask attached to `inputs` when
+            other tensor arguments are given; used when `mask` is None.
 
     Input shape:
         `(..., d)`.
@@ -465,7 +487,7 @@ class MixtureOfExperts(_SparseMixtureBase):
         self.min_capacity = validation.check_int("min_capacity", min_capacity, 1)
         # The capacity dispatch has static shapes and compiles with XLA.
         self.supports_jit = dispatch == "capacity"
-        if dispatch == "capacity" and self.routing_metrics:
+        if self._drops_tokens() and self.routing_metrics:
             self._routing_trackers["dropped_fraction"] = keras.metrics.Mean(
                 name=f"{self.name}_dropped_fraction"
             )
@@ -489,6 +511,9 @@ class MixtureOfExperts(_SparseMixtureBase):
             dtype=self.dtype_policy,
             name="experts",
         )
+
+    def _drops_tokens(self):
+        return self.dispatch == "capacity"
 
     @property
     def num_experts(self):
@@ -645,8 +670,9 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
         **kwargs: base layer keyword arguments.
 
     Call arguments:
-        inputs, training, mask, gate_multiplier, return_routing: as in
-            `MixtureOfExperts` (`gate_multiplier` scales the primary gates).
+        inputs, training, mask, gate_multiplier, return_routing,
+            inputs_mask: as in `MixtureOfExperts` (`gate_multiplier`
+            scales the primary gates).
         gating_inputs: optional `[..., d_gate]`: the primary gate reads it;
             the groups' gates and experts read `inputs` (the original's
             `xs` and `shadow_xs`).

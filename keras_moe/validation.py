@@ -117,6 +117,21 @@ def check_finite(name, x):
     return tf.debugging.assert_all_finite(x, message)
 
 
+def check_finite_non_negative(name, x):
+    """Raises if `x` holds NaN, infinity or a negative value; errors as
+    `check_finite`'s."""
+    message = f"`{name}` must be finite and >= 0."
+    if tf.executing_eagerly():
+        if not bool(tf.reduce_all(tf.math.is_finite(x) & (x >= 0))):
+            raise ValueError(message + f" Received: {name}={x}")
+        return x
+    # One check of finiteness (it also compiles with XLA): negative values
+    # become NaN first.
+    return tf.debugging.assert_all_finite(
+        tf.where(x >= 0, x, tf.constant(float("nan"), x.dtype)), message
+    )
+
+
 def check_leading_shape(name, x, reference, reference_name, trailing=()):
     """Checks that `x.shape == reference.shape[:-1] + trailing`.
 

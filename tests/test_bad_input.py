@@ -109,6 +109,42 @@ def test_integer_side_inputs(layer):
               gate_multiplier=np.ones((3,), "int32"))
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, -0.5])
+def test_non_finite_or_negative_gate_multiplier(layer, value):
+    multiplier = np.array([1.0, value, 0.5], "float32")
+    with pytest.raises(ValueError,
+                       match=r"`gate_multiplier` must be finite and >= 0"):
+        layer(np.zeros((3, 5), "float32"), gate_multiplier=multiplier)
+
+    @tf.function
+    def run(x, multiplier):
+        return layer(x, gate_multiplier=multiplier)
+
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="gate_multiplier"):
+        run(tf.zeros([3, 5]), tf.constant(multiplier))
+
+
+def test_masked_tokens_gate_multiplier_is_not_read(layer):
+    x = np.ones((3, 5), "float32")
+    multiplier = np.array([1.0, np.nan, 0.5], "float32")
+    mask = np.array([True, False, True])
+    y = layer(x, gate_multiplier=multiplier, mask=mask)
+    np.testing.assert_array_equal(y.numpy()[1], 0.0)
+    assert np.isfinite(y.numpy()).all()
+
+
+def test_non_finite_noise(layer):
+    noise = np.zeros((3, 4), "float32")
+    noise[1, 2] = np.nan
+    with pytest.raises(ValueError, match="`noise` contains NaN"):
+        layer(np.zeros((3, 5), "float32"), training=True, noise=noise)
+    # Masked tokens' noise is not read.
+    y = layer(np.ones((3, 5), "float32"), training=True, noise=noise,
+              mask=np.array([True, False, True]))
+    assert np.isfinite(y.numpy()).all()
+
+
 def test_dynamic_shape_mismatch_inside_tf_function(layer):
     @tf.function(input_signature=[tf.TensorSpec([None, 5]),
                                   tf.TensorSpec([None])])

@@ -113,6 +113,19 @@ def test_small_capacity_drops_and_reports_it():
         np.testing.assert_array_equal(tokens[e], np.nonzero(wanted[:, e])[0][:8])
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch(training):
+    layer = keras_moe.MixtureOfExperts(
+        4, k=2, output_dim=3, dispatch="capacity"
+    )
+    y, routing = layer(np.zeros([0, 5], "float32"), training=training,
+                       return_routing=True)
+    assert y.shape == (0, 3)
+    np.testing.assert_array_equal(routing["part_sizes"], np.zeros(4))
+    assert float(routing["dropped_fraction"]) == 0.0
+    assert layer(np.zeros([2, 0, 5], "float32")).shape == (2, 0, 3)
+
+
 def _model(dispatch):
     inputs = keras.Input((8, 6))
     h = keras_moe.MixtureOfExperts(

@@ -89,6 +89,42 @@ def test_mask_from_embedding_propagates():
     assert y._keras_mask is not None
 
 
+def _hierarchical(**kwargs):
+    return keras_moe.HierarchicalMixtureOfExperts(
+        2, 3, k=1, group_k=2, gate_initializer="random_normal", **kwargs
+    )
+
+
+@pytest.mark.parametrize("make_layer", [
+    lambda: keras_moe.MixtureOfExperts(
+        4, k=2, gate_initializer="random_normal"),
+    lambda: keras_moe.MixtureOfExperts(
+        4, k=2, gate_initializer="random_normal", dispatch="capacity"),
+    _hierarchical,
+], ids=["sparse", "capacity", "hierarchical"])
+@pytest.mark.parametrize("side_input", ["gating_inputs", "gate_multiplier"])
+def test_mask_from_embedding_with_another_tensor_argument(make_layer,
+                                                          side_input):
+    # With a second tensor argument Keras passes the mask as `inputs_mask`.
+    ids = np.array([[5, 6, 0, 0], [1, 2, 3, 0]])
+    inputs = keras.Input((None,), dtype="int32")
+    h = keras.layers.Embedding(10, 4, mask_zero=True)(inputs)
+    side = (keras.layers.Dense(4)(h) if side_input == "gating_inputs"
+            else keras.layers.Dense(1, activation="sigmoid")(h)[..., 0])
+    layer = make_layer()
+    y, routing = layer(h, return_routing=True, **{side_input: side})
+    model = keras.Model(inputs, [y, routing["part_sizes"], h, side])
+    out, part_sizes, h_value, side_value = model(ids)
+    mask = ids > 0
+    np.testing.assert_array_equal(out.numpy()[~mask], 0.0)
+    assert np.abs(out.numpy()[mask]).sum() > 0
+    # The same as passing the mask by hand.
+    explicit = layer(h_value, mask=mask, **{side_input: side_value})
+    np.testing.assert_allclose(out, explicit, rtol=1e-6)
+    if not isinstance(layer, keras_moe.HierarchicalMixtureOfExperts):
+        assert int(part_sizes.numpy().sum()) == 2 * mask.sum()
+
+
 def test_gate_multiplier_scales_gates_and_zero_skips_the_token():
     layer = _layer(noisy_gating=False)
     x = np.random.default_rng(3).normal(size=(4, 5)).astype("float32")
@@ -202,11 +238,22 @@ def test_functional_model_fit_step_and_no_xla():
     assert all(not np.array_equal(b, a.numpy()) for b, a in zip(before, after))
 
 
-def test_return_routing_in_a_functional_model():
+@pytest.mark.parametrize("dispatch", ["sparse", "capacity"])
+def test_return_routing_in_a_functional_model(dispatch):
+    layer = keras_moe.MixtureOfExperts(
+        3, k=2, dispatch=dispatch, gate_initializer="random_normal"
+    )
     inputs = keras.Input((6,))
-    y, routing = keras_moe.MixtureOfExperts(3, k=2)(inputs, return_routing=True)
+    y, routing = layer(inputs, return_routing=True)
     assert routing["gates"].shape == (None, 3)
     assert routing["gates"].dtype == "float32"
-    model = keras.Model(inputs, [y, routing["load"]])
-    outputs = model(np.ones([5, 6], "float32"))
-    assert outputs[1].shape == (3,)
+    x = np.random.default_rng(4).normal(size=(5, 6)).astype("float32")
+    eager_y, eager = layer(x, return_routing=True)
+    assert sorted(routing) == sorted(eager)
+    # Keras pairs a dict's symbolic entries with the computed ones by key:
+    # every entry must come back as itself.
+    outputs = keras.Model(inputs, [y, routing])(x)
+    np.testing.assert_allclose(outputs[0], eager_y, rtol=1e-6)
+    for key, value in eager.items():
+        np.testing.assert_allclose(outputs[1][key], value, rtol=1e-6,
+                                   err_msg=key)
