@@ -3,10 +3,7 @@ with a gradient written for many experts with few rows each."""
 
 import tensorflow as tf
 
-try:  # TensorFlow's own test for "being traced for XLA"; private.
-    from tensorflow.python.ops import control_flow_util
-except ImportError:  # pragma: no cover - a TensorFlow that moved it
-    control_flow_util = None
+from keras_moe import xla
 
 # Up to this many rows in the largest group, the backward pass uses the
 # forms that are fast for small groups on CPU (see `grouped_feed_forward`);
@@ -199,11 +196,7 @@ def _slabs_as_groups():
     """Whether `slab_feed_forward` runs one matmul per expert: when tracing
     for a CPU without XLA (no GPU or TPU visible). Where XLA tracing cannot
     be detected, the batched form, which is right everywhere."""
-    if control_flow_util is None:
-        return False
-    if control_flow_util.GraphOrParentsInXlaContext(
-        tf.compat.v1.get_default_graph()
-    ):
+    if xla.maybe_tracing_for_xla():
         return False
     return not any(
         tf.config.list_logical_devices(kind) for kind in ("GPU", "TPU")

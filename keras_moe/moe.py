@@ -9,7 +9,7 @@ import threading
 import keras
 import tensorflow as tf
 
-from keras_moe import balance, validation
+from keras_moe import balance, validation, xla
 from keras_moe.dispatch import CapacityDispatcher, SparseDispatcher
 from keras_moe.experts import FeedForwardExperts
 from keras_moe.gating import NoisyTopKGating
@@ -236,8 +236,18 @@ class _SparseMixtureBase(keras.layers.Layer):
                 self.last_importance.assign(tf.stop_gradient(importance))
                 self.last_load.assign(tf.stop_gradient(load))
 
+        flat_outputs = routed.outputs
+        if xla.maybe_tracing_for_xla():
+            # XLA drops the assertion ops that reject bad input: a token
+            # with one gets NaN outputs instead of a finite wrong answer.
+            flat_outputs = tf.where(
+                self._valid_tokens(x, gate_x, multiplier, noise, token_mask)
+                [:, None],
+                flat_outputs,
+                tf.constant(float("nan"), flat_outputs.dtype),
+            )
         outputs = tf.reshape(
-            routed.outputs, tf.concat([leading_shape, [self.output_dim]], 0)
+            flat_outputs, tf.concat([leading_shape, [self.output_dim]], 0)
         )
         outputs = tf.ensure_shape(
             outputs, inputs.shape[:-1].concatenate([self.output_dim])
@@ -263,6 +273,24 @@ class _SparseMixtureBase(keras.layers.Layer):
         if routed.dropped_fraction is not None:
             routing["dropped_fraction"] = routed.dropped_fraction
         return outputs, routing
+
+    def _valid_tokens(self, x, gate_x, multiplier, noise, token_mask):
+        """bool `[tokens]`: which tokens pass the checks of `call` (finite
+        inputs, gating inputs and noise, a finite multiplier >= 0); masked
+        tokens always do."""
+        per_token = [x, gate_x]
+        if noise is not None:
+            per_token += tf.nest.flatten(noise)
+        valid = tf.reduce_all(
+            [tf.reduce_all(tf.math.is_finite(tf.reshape(
+                t, [tf.shape(t)[0], -1])), 1) for t in per_token],
+            0,
+        )
+        if multiplier is not None:
+            valid &= tf.math.is_finite(multiplier) & (multiplier >= 0)
+        if token_mask is not None:
+            valid |= ~token_mask
+        return valid
 
     def _flatten_noise(self, noise, inputs):
         shapes = self._noise_shapes()

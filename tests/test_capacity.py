@@ -126,6 +126,28 @@ def test_empty_batch(training):
     assert layer(np.zeros([2, 0, 5], "float32")).shape == (2, 0, 3)
 
 
+def test_bad_input_under_xla_gives_nan_not_a_wrong_answer():
+    # XLA does not run the assertion ops that reject these elsewhere.
+    layer = keras_moe.MixtureOfExperts(
+        4, k=2, dispatch="capacity", gate_initializer="random_normal"
+    )
+    x = np.random.default_rng(2).normal(size=(6, 5)).astype("float32")
+    x[1, 1] = np.nan
+    multiplier = np.array([1.0, 1.0, 0.5, -1.0, np.inf, 1.0], "float32")
+    mask = np.array([True, True, True, True, True, False])
+    run = tf.function(
+        lambda x, m, mask: layer(x, gate_multiplier=m, mask=mask),
+        jit_compile=True,
+    )
+    y = run(x, multiplier, mask).numpy()
+    bad = np.array([False, True, False, True, True, False])
+    assert np.isnan(y[bad]).all()
+    np.testing.assert_array_equal(y[5], 0.0)  # masked: not read
+    good = ~bad & mask
+    expected = layer(x[good], gate_multiplier=multiplier[good])
+    np.testing.assert_allclose(y[good], expected, rtol=1e-5, atol=1e-6)
+
+
 def _model(dispatch):
     inputs = keras.Input((8, 6))
     h = keras_moe.MixtureOfExperts(
