@@ -240,9 +240,11 @@ class _SparseMixtureBase(keras.layers.Layer):
         if xla.maybe_tracing_for_xla():
             # XLA drops the assertion ops that reject bad input: a token
             # with one gets NaN outputs instead of a finite wrong answer.
+            used_noise = noise if training and self._noisy() else None
             flat_outputs = tf.where(
-                self._valid_tokens(x, gate_x, multiplier, noise, token_mask)
-                [:, None],
+                self._valid_tokens(
+                    x, gate_x, multiplier, used_noise, token_mask
+                )[:, None],
                 flat_outputs,
                 tf.constant(float("nan"), flat_outputs.dtype),
             )
@@ -273,6 +275,10 @@ class _SparseMixtureBase(keras.layers.Layer):
         if routed.dropped_fraction is not None:
             routing["dropped_fraction"] = routed.dropped_fraction
         return outputs, routing
+
+    def _noisy(self):
+        """Whether the gating adds noise while training."""
+        raise NotImplementedError
 
     def _valid_tokens(self, x, gate_x, multiplier, noise, token_mask):
         """bool `[tokens]`: which tokens pass the checks of `call` (finite
@@ -542,6 +548,9 @@ class MixtureOfExperts(_SparseMixtureBase):
 
     def _drops_tokens(self):
         return self.dispatch == "capacity"
+
+    def _noisy(self):
+        return self.gating.noisy_gating
 
     @property
     def num_experts(self):
@@ -838,6 +847,9 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
 
     def _noise_shapes(self):
         return [(self.num_groups,), (self.num_groups, self.experts_per_group)]
+
+    def _noisy(self):
+        return self.primary_gating.noisy_gating
 
     def _build_sublayers(self, input_dim, gating_dim):
         self.primary_gating.build((None, gating_dim))

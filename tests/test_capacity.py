@@ -146,6 +146,17 @@ def test_bad_input_under_xla_gives_nan_not_a_wrong_answer():
     good = ~bad & mask
     expected = layer(x[good], gate_multiplier=multiplier[good])
     np.testing.assert_allclose(y[good], expected, rtol=1e-5, atol=1e-6)
+    # Noise is read only while training, as outside XLA.
+    noise = np.zeros((6, 4), "float32")
+    noise[2, 0] = np.nan
+    with_noise = tf.function(
+        lambda x, noise, training: layer(x, noise=noise, training=training),
+        jit_compile=True,
+    )
+    x[1, 1] = 0.0
+    assert np.isfinite(with_noise(x, noise, False).numpy()).all()
+    y = with_noise(x, noise, True).numpy()
+    assert np.isnan(y[2]).all() and np.isfinite(np.delete(y, 2, 0)).all()
 
 
 def _model(dispatch):
