@@ -200,10 +200,14 @@ class RoutingMonitor(keras.callbacks.Callback):
                     "HierarchicalMixtureOfExperts layer with "
                     f"routing_metrics=True in model '{model.name}'.{hint}"
                 )
-            return found
+            return _check_unique_names(found)
         by_name = {layer.name: layer for layer in all_layers}
         found = []
         for item in self.layers:
+            if isinstance(item, str):
+                _check_unique_names(
+                    [layer for layer in moe_layers if layer.name == item]
+                )
             layer = by_name.get(item) if isinstance(item, str) else item
             in_model = any(layer is other for other in all_layers)
             if layer is None or not in_model:
@@ -227,7 +231,7 @@ class RoutingMonitor(keras.callbacks.Callback):
                     "routing_metrics=True."
                 )
             found.append(layer)
-        return _unique(found)
+        return _check_unique_names(_unique(found))
 
     def on_train_begin(self, logs=None):
         self._monitored = self._find_layers()
@@ -580,6 +584,22 @@ def _to_numpy(variable, dtype=np.float32):
     if hasattr(value, "numpy"):
         value = value.numpy()
     return np.array(value, dtype=dtype)
+
+
+def _check_unique_names(layers):
+    """Returns `layers` if their names differ: records, TensorBoard tags
+    and the layers' metrics in the fit logs are keyed by layer name, and
+    layers in different sub-models may share one."""
+    names = [layer.name for layer in layers]
+    shared = sorted({name for name in names if names.count(name) > 1})
+    if shared:
+        raise ValueError(
+            f"RoutingMonitor found several MoE layers named {shared} (in "
+            "different sub-models). Their records, TensorBoard tags and "
+            "fit-log metrics are keyed by layer name: give each MoE layer "
+            "its own `name=`."
+        )
+    return layers
 
 
 def _unique(layers):

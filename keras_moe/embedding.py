@@ -192,14 +192,16 @@ class ShardedEmbedding(keras.layers.Layer):
         # Rows are cast to the compute dtype after the gather; Keras must not
         # autocast the whole table first.
         self.autocast = False
-        self.shards = None
 
     def build(self, input_shape=None):
-        shards = []
         for s in range(self.num_shards):
             device = self.shard_devices[s] if self.shard_devices else None
             with tf.device(device):
-                shards.append(
+                # One attribute per shard, not a list: tf.train.Checkpoint
+                # does not follow Keras's tracked lists.
+                setattr(
+                    self,
+                    f"shard_{s}",
                     self.add_weight(
                         name=f"shard_{s}",
                         shape=(
@@ -214,9 +216,15 @@ class ShardedEmbedding(keras.layers.Layer):
                         regularizer=self.embeddings_regularizer,
                         constraint=self.embeddings_constraint,
                         autocast=False,
-                    )
+                    ),
                 )
-        self.shards = shards
+
+    @property
+    def shards(self):
+        """The `num_shards` shard variables (None before `build`)."""
+        if not hasattr(self, "shard_0"):
+            return None
+        return [getattr(self, f"shard_{s}") for s in range(self.num_shards)]
 
     def shard_values(self):
         """The shards as TensorFlow values (variables when they are), to
@@ -272,7 +280,8 @@ class ShardedEmbedding(keras.layers.Layer):
     def compute_mask(self, inputs, mask=None):
         if not self.mask_zero:
             return None
-        return tf.not_equal(inputs, 0)
+        # keras.ops, not tf: Keras calls this on symbolic inputs too.
+        return keras.ops.not_equal(inputs, 0)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape) + (self.output_dim,)

@@ -341,6 +341,22 @@ def test_layers_naming_no_moe_layer_of_the_model(layers, match):
         _fit_with(model, RoutingMonitor(layers=layers))
 
 
+def test_layers_sharing_a_name_in_sub_models():
+    # Keras keeps names unique per model only; records keyed by name would
+    # interleave two layers' loads.
+    def block(i):
+        return keras.Sequential([keras.Input((6,)), _flat_layer()],
+                                name=f"block_{i}")
+
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(block(1)(block(0)(inputs))))
+    model.compile("sgd", "mse")
+    for monitor in (RoutingMonitor(), RoutingMonitor(layers=["moe"])):
+        with pytest.raises(ValueError, match=r"several MoE layers named "
+                           r"\['moe'\].*its own `name=`"):
+            _fit_with(model, monitor)
+
+
 def test_layers_by_name_or_instance():
     layer = _flat_layer()
     model = _model(layer)

@@ -186,6 +186,31 @@ def test_mask_zero():
     assert ShardedEmbedding(6, 2, 2).compute_mask(ids) is None
 
 
+def test_mask_zero_in_a_functional_model():
+    ids = keras.Input((None,), dtype="int32")
+    h = ShardedEmbedding(6, 2, 2, mask_zero=True)(ids)
+    assert h._keras_mask is not None
+    # The mask reaches the next layer: a masked average ignores padding.
+    pooled = keras.layers.GlobalAveragePooling1D()(h)
+    layer = keras.Model(ids, [h, pooled])
+    batch = np.array([[1, 3, 0, 0], [2, 0, 0, 0]])
+    rows, means = layer(batch)
+    np.testing.assert_allclose(means[0], rows.numpy()[0, :2].mean(0),
+                               rtol=1e-6)
+    np.testing.assert_allclose(means[1], rows.numpy()[1, 0], rtol=1e-6)
+
+
+def test_tf_train_checkpoint_holds_every_shard(tmp_path):
+    layer = ShardedEmbedding(7, 3, 3)
+    layer.build()
+    path = tf.train.Checkpoint(layer=layer).save(str(tmp_path / "ckpt"))
+    restored = ShardedEmbedding(7, 3, 3, embeddings_initializer="zeros")
+    restored.build()
+    tf.train.Checkpoint(layer=restored).restore(path).assert_consumed()
+    for saved, loaded in zip(layer.shards, restored.shards):
+        np.testing.assert_array_equal(saved.numpy(), loaded.numpy())
+
+
 def test_mixed_precision():
     layer = ShardedEmbedding(7, 3, 2, dtype="mixed_float16")
     out = layer(np.array([1, 6]))
