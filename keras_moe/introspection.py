@@ -39,14 +39,19 @@ def expert_to_tokens(routing, identifiers=None):
     token_index = routing["token_index"]
     if identifiers is not None:
         identifiers = tf.convert_to_tensor(identifiers)
-        leading_rank = routing["gates"].shape.rank - 1
-        leading_shape = tf.shape(routing["gates"])[:-1]
+        gates = tf.convert_to_tensor(routing["gates"])
+        leading_rank = gates.shape.rank - 1
+        leading_shape = tf.shape(gates)[:-1]
+        static_leading = tuple(gates.shape[:-1])
         if identifiers.shape.rank is None or (
             identifiers.shape.rank < leading_rank
+        ) or any(
+            a is not None and b is not None and a != b
+            for a, b in zip(identifiers.shape[:leading_rank], static_leading)
         ):
             raise ValueError(
                 "`identifiers` must have the inputs' leading shape "
-                f"{tuple(routing['gates'].shape[:-1])} in front. Received: "
+                f"{static_leading} in front. Received: "
                 f"identifiers.shape={tuple(identifiers.shape)}"
             )
         tf.debugging.assert_equal(
@@ -75,5 +80,15 @@ def expert_to_gates(routing):
 
 
 def _split_by_expert(values, routing):
-    part_sizes = routing["part_sizes"]
-    return tf.split(values, part_sizes, num=part_sizes.shape[0], axis=0)
+    part_sizes = tf.convert_to_tensor(routing["part_sizes"])
+    num_experts = routing["gates"].shape[-1]
+    if tuple(part_sizes.shape) != (num_experts,):
+        # What `model.predict` gives: the reports of its batches joined.
+        raise ValueError(
+            f"`routing` must be the report of one call: `part_sizes` must "
+            f"have one entry per expert ({num_experts}). Received: "
+            f"part_sizes.shape={tuple(part_sizes.shape)}. `model.predict` "
+            "joins the reports of its batches; call the model on one batch "
+            "instead."
+        )
+    return tf.split(values, part_sizes, num=num_experts, axis=0)

@@ -466,7 +466,8 @@ class MixtureOfExperts(_SparseMixtureBase):
         `inputs` flattened over its leading axes) and `expert_gates`; with
         `dispatch="capacity"` also `dropped_fraction`, the share of
         (token, expert) choices dropped for lack of capacity (the pairs
-        and `part_sizes` then count kept choices only).
+        and `part_sizes` then count kept choices only; `gates`,
+        `importance` and `load` are the gating network's, before drops).
 
     Example:
 

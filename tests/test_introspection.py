@@ -73,3 +73,25 @@ def test_identifiers_with_wrong_leading_shape():
     _, routing = layer(np.ones((2, 3, 4), "float32"), return_routing=True)
     with pytest.raises(ValueError, match=r"identifiers.shape=\(6,\)"):
         keras_moe.expert_to_tokens(routing, tf.range(6))
+    # The right rank, the wrong sizes: caught before any op runs.
+    with pytest.raises(ValueError, match=r"identifiers.shape=\(3, 2\)"):
+        keras_moe.expert_to_tokens(routing, tf.zeros((3, 2)))
+
+
+def test_routing_joined_over_predict_batches_is_refused():
+    import keras
+
+    inputs = keras.Input((5,))
+    y, routing = _layers()[0](inputs, return_routing=True)
+    model = keras.Model(inputs, routing)
+    x = np.random.default_rng(0).normal(size=(10, 5)).astype("float32")
+    joined = model.predict(x, batch_size=4, verbose=0)
+    assert joined["part_sizes"].shape == (15,)  # three batches' reports
+    with pytest.raises(ValueError, match=r"one call.*part_sizes.shape=\(15,\)"):
+        keras_moe.expert_to_tokens(joined)
+    with pytest.raises(ValueError, match="part_sizes.shape"):
+        keras_moe.expert_to_gates(joined)
+    # One call's report, as numpy arrays, is fine.
+    single = model.predict(x, batch_size=10, verbose=0)
+    tokens = keras_moe.expert_to_tokens(single, np.arange(10))
+    assert sum(len(t) for t in tokens) == 20
