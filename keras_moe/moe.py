@@ -862,9 +862,12 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
         primary_gates, primary_smooth_load = self.primary_gating(
             gate_x, training=training, noise=primary_noise, mask=mask
         )
+        # Both primary loads before the multiplier: their ratio is the
+        # gating's smoothing, and a token the multiplier zeroes reaches no
+        # group, so it counts in no secondary load (nor in importance).
+        primary_true_load = balance.gates_to_load(primary_gates)
         if multiplier is not None:
             primary_gates *= tf.expand_dims(multiplier, 1)
-        primary_true_load = balance.gates_to_load(primary_gates)
         dispatcher = SparseDispatcher(self.num_groups, primary_gates)
         group_inputs = dispatcher.dispatch(x)
         group_multipliers = dispatcher.expert_to_gates()

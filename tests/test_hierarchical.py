@@ -67,6 +67,28 @@ def test_clean_gating_load_is_the_count():
     np.testing.assert_array_equal(routing["part_sizes"], counts.reshape(-1))
 
 
+def test_zero_gate_multiplier_counts_in_no_load():
+    # Primary kernel = identity: tokens 0-1 go to group 0, 2-3 to group 1;
+    # inside a group, the zero kernel's tie goes to expert 0.
+    layer = keras_moe.HierarchicalMixtureOfExperts(
+        2, 2, k=1, group_k=1, noisy_gating=False
+    )
+    layer.build((None, 2))
+    layer.primary_gating.gate_kernel.assign(np.eye(2, dtype="float32"))
+    x = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], "float32")
+    for multiplier, load in [
+        ([1, 1, 1, 1], [[2, 0], [2, 0]]),
+        ([1, 1, 0, 0], [[2, 0], [0, 0]]),
+        ([1, 0, 1, 1], [[1, 0], [2, 0]]),
+    ]:
+        _, routing = layer(x, gate_multiplier=np.array(multiplier, "float32"),
+                           return_routing=True)
+        np.testing.assert_allclose(routing["load"], load, atol=1e-6)
+        np.testing.assert_array_equal(
+            routing["part_sizes"], np.ravel(load).astype(int)
+        )
+
+
 def test_one_loss_for_the_whole_layer():
     layer = _layer(loss_coef=0.5)
     x = np.random.default_rng(2).normal(size=(9, D)).astype("float32")
