@@ -1,6 +1,7 @@
 """Sparse dispatch: the original `SparseDispatcher`, which sends each row
 only to the experts whose gate for it is positive."""
 
+import numpy as np
 import tensorflow as tf
 
 from keras_moe import validation
@@ -104,7 +105,9 @@ class SparseDispatcher:
             A tensor `[batch, ...]`: row `b` is the (gate-weighted) sum of
             the outputs for row `b`; rows routed nowhere are zero.
         """
+        stitched = tf.convert_to_tensor(stitched)
         if multiply_by_gates:
+            _check_weighable("stitched", stitched)
             gates = tf.cast(self._nonzero_gates, stitched.dtype)
             # One gate per row, broadcast over the trailing axes.
             gates = tf.reshape(gates, [-1] + [1] * (stitched.shape.rank - 1))
@@ -161,8 +164,8 @@ class CapacityDispatcher:
 
     Args:
         num_experts: int >= 1.
-        gates: a float tensor `[batch, num_experts]` with at most `k`
-            positive entries per row.
+        gates: a float tensor `[batch, num_experts]`; each row goes to
+            (at most) its `k` largest positive gates, the rest are ignored.
         k: int, the most experts a row uses.
         capacity: int (or scalar int tensor) >= 1, slots per expert.
 
@@ -180,16 +183,24 @@ class CapacityDispatcher:
     def __init__(self, num_experts, gates, k, capacity):
         self._num_experts, gates = _check_gates(num_experts, gates)
         k = validation.check_int("k", k, 1, num_experts)
-        if isinstance(capacity, int):
-            validation.check_int("capacity", capacity, 1)
+        capacity = _check_capacity(capacity)
         self._capacity = capacity
         self._gates = gates
         top_gates, expert_index = tf.math.top_k(gates, k)
         active = top_gates > 0
-        # Each row's place in each expert's queue, in row order.
-        queue_position = tf.cumsum(
-            tf.cast(gates > 0, tf.int32), axis=0, exclusive=True
+        batch = tf.shape(gates)[0]
+        # Which experts each row chose (its `k` largest positive gates):
+        # only those queue, whatever else is positive.
+        chosen = tf.scatter_nd(
+            tf.stack([
+                tf.repeat(tf.range(batch), k),
+                tf.reshape(expert_index, [-1]),
+            ], 1),
+            tf.reshape(tf.cast(active, tf.int32), [-1]),
+            tf.stack([batch, num_experts]),
         )
+        # Each row's place in each expert's queue, in row order.
+        queue_position = tf.cumsum(chosen, axis=0, exclusive=True)
         position = tf.gather(queue_position, expert_index, batch_dims=1)
         kept = active & (position < capacity)
         self._num_slots = num_experts * capacity
@@ -201,7 +212,6 @@ class CapacityDispatcher:
         self._slot_gates = tf.where(kept, top_gates, tf.zeros_like(top_gates))
         self._kept = kept
         self._expert_index = expert_index
-        batch = tf.shape(gates)[0]
         row_ids = tf.broadcast_to(tf.range(1, batch + 1)[:, None], tf.shape(kept))
         # The row (1-based; 0 = empty) each slot holds.
         self._slot_row = tf.scatter_nd(
@@ -250,6 +260,7 @@ class CapacityDispatcher:
     def dispatch(self, inp):
         """The experts' inputs, `[num_experts, capacity, ...]`; empty slots
         are zero."""
+        inp = tf.convert_to_tensor(inp)
         # One zero row in front (also when `inp` has no rows).
         padded = tf.pad(inp, [[1, 0]] + [[0, 0]] * (inp.shape.rank - 1))
         expert_inputs = tf.gather(padded, self._slot_row)
@@ -262,6 +273,8 @@ class CapacityDispatcher:
     def combine(self, expert_out):
         """Gate-weighted sum per row of `expert_out [num_experts, capacity,
         ...]`; dropped choices add nothing."""
+        expert_out = tf.convert_to_tensor(expert_out)
+        _check_weighable("expert_out", expert_out)
         flat = tf.reshape(
             expert_out,
             tf.concat([[self._num_slots], tf.shape(expert_out)[2:]], 0),
@@ -274,6 +287,41 @@ class CapacityDispatcher:
                               tf.ones([gathered.shape.rank - 2], tf.int32)], 0)
         )
         return tf.reduce_sum(gathered * gates, axis=1)
+
+
+def _check_weighable(name, values):
+    """Expert outputs to be weighted by float gates must be floats: a cast
+    of the gates to integers would truncate them."""
+    if not values.dtype.is_floating:
+        raise TypeError(
+            f"`{name}` must be floating-point to be weighted by the gates. "
+            f"Received: {name}.dtype={values.dtype.name}"
+        )
+
+
+def _check_capacity(capacity):
+    """`capacity`, an int >= 1 or a scalar integer tensor (int32)."""
+    if isinstance(capacity, (int, np.integer)) and not isinstance(
+        capacity, bool
+    ):
+        return validation.check_int("capacity", int(capacity), 1)
+    if not tf.is_tensor(capacity):
+        raise TypeError(
+            f"`capacity` must be an int or a scalar integer tensor. "
+            f"Received: capacity={capacity!r}"
+        )
+    if not capacity.dtype.is_integer or capacity.shape.rank != 0:
+        raise TypeError(
+            f"`capacity` must be a scalar integer tensor. Received: "
+            f"capacity.dtype={capacity.dtype.name}, "
+            f"capacity.shape={capacity.shape}"
+        )
+    capacity = tf.cast(capacity, tf.int32)
+    if tf.executing_eagerly() and int(capacity) < 1:
+        raise ValueError(
+            f"`capacity` must be >= 1. Received: capacity={int(capacity)}"
+        )
+    return capacity
 
 
 def _check_gates(num_experts, gates):

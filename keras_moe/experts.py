@@ -127,6 +127,17 @@ class FeedForwardExperts(keras.layers.Layer):
                 f"3-D `inputs` must hold one slab per expert "
                 f"({self.num_experts}). Received: inputs.shape={x.shape}"
             )
+        if stacked:
+            # Checked when the shape is known: at run time, or when XLA
+            # compiles (which drops assertion ops); a batched matmul would
+            # broadcast a single slab.
+            x = tf.ensure_shape(
+                x, [self.num_experts, None, x.shape[2]], name="inputs"
+            )
+        else:
+            part_sizes = validation.check_part_sizes(
+                part_sizes, self.num_experts, tf.shape(x)[0]
+            )
         kernels = [
             tf.cast(kernel, self.compute_dtype) for kernel in self.kernels
         ]
@@ -144,7 +155,14 @@ class FeedForwardExperts(keras.layers.Layer):
         validation.check_int(
             "expert_index", expert_index, 0, self.num_experts - 1
         )
-        x = tf.cast(validation.check_float_tensor("x", x), self.compute_dtype)
+        if not self.built:
+            raise ValueError(
+                "`call_expert` needs a built layer: call it once or call "
+                "`build` first."
+            )
+        x = validation.check_float_tensor("x", x)
+        validation.check_input_shape("x", x.shape, 2, 2, self.layer_sizes[0])
+        x = tf.cast(x, self.compute_dtype)
         kernels = [
             tf.cast(kernel[expert_index], self.compute_dtype)
             for kernel in self.kernels

@@ -132,6 +132,48 @@ def check_finite_non_negative(name, x):
     )
 
 
+def check_part_sizes(part_sizes, num_parts, rows):
+    """Returns `part_sizes` as an int32 tensor `[num_parts]` of sizes >= 0
+    summing to `rows` (a scalar int tensor): static facts are checked now
+    (`ValueError`/`TypeError`), the values eagerly or by assertion ops."""
+    part_sizes = tf.convert_to_tensor(part_sizes)
+    if not part_sizes.dtype.is_integer:
+        raise TypeError(
+            f"`part_sizes` must be an integer tensor. Received: "
+            f"part_sizes.dtype={part_sizes.dtype.name}"
+        )
+    if part_sizes.shape.rank != 1 or part_sizes.shape[0] not in (
+        None, num_parts
+    ):
+        raise ValueError(
+            f"`part_sizes` must have shape ({num_parts},), one size per "
+            f"expert. Received: part_sizes.shape={tuple(part_sizes.shape)}"
+        )
+    part_sizes = tf.cast(part_sizes, tf.int32)
+    message = (
+        "`part_sizes` must be >= 0 and sum to the number of rows of "
+        "`inputs`."
+    )
+    if tf.executing_eagerly():
+        sizes = part_sizes.numpy()
+        if sizes.shape[0] != num_parts or (sizes < 0).any() or (
+            sizes.sum() != int(rows)
+        ):
+            raise ValueError(
+                message + f" Received: part_sizes={sizes.tolist()} for "
+                f"{int(rows)} rows"
+            )
+        return part_sizes
+    with tf.control_dependencies([
+        tf.debugging.assert_equal(tf.size(part_sizes), num_parts,
+                                  message=message),
+        tf.debugging.assert_non_negative(part_sizes, message=message),
+        tf.debugging.assert_equal(tf.reduce_sum(part_sizes), rows,
+                                  message=message),
+    ]):
+        return tf.identity(part_sizes)
+
+
 def check_leading_shape(name, x, reference, reference_name, trailing=()):
     """Checks that `x.shape == reference.shape[:-1] + trailing`.
 

@@ -41,6 +41,55 @@ def test_hand_built_routing_drops_in_token_order():
     )
 
 
+def test_only_the_k_chosen_experts_queue():
+    # Row 0 has two positive gates but k=1: only its larger one (expert 0)
+    # is used; its 0.4 for expert 1 must not take expert 1's only slot.
+    gates = tf.constant([[0.6, 0.4], [0.0, 1.0], [1.0, 0.0]])
+    dispatcher = CapacityDispatcher(2, gates, k=1, capacity=1)
+    inputs = tf.constant([[1.0], [2.0], [3.0]])
+    np.testing.assert_array_equal(
+        dispatcher.dispatch(inputs)[:, :, 0], [[1.0], [2.0]]
+    )
+    np.testing.assert_allclose(dispatcher.dropped_fraction, 1 / 3)
+    # With room for all, the same as the sparse dispatch of the top-1 gates.
+    roomy = CapacityDispatcher(2, gates, k=1, capacity=3)
+    sparse = keras_moe.SparseDispatcher(
+        2, tf.constant([[0.6, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    )
+    np.testing.assert_allclose(
+        roomy.combine(roomy.dispatch(inputs)),
+        sparse.combine(sparse.dispatch(inputs)),
+    )
+
+
+@pytest.mark.parametrize("capacity, error, message", [
+    (0, ValueError, "capacity=0"),
+    (tf.constant(0), ValueError, "capacity=0"),
+    (2.0, TypeError, "capacity=2.0"),
+    (True, TypeError, "capacity=True"),
+    (tf.constant([2, 2]), TypeError, r"capacity.shape=\(2,\)"),
+    (tf.constant(2.0), TypeError, "capacity.dtype=float32"),
+])
+def test_bad_capacity(capacity, error, message):
+    with pytest.raises(error, match=message):
+        CapacityDispatcher(2, tf.ones([3, 2]), k=1, capacity=capacity)
+
+
+@pytest.mark.parametrize("capacity", [np.int32(2), tf.constant(2, tf.int64)])
+def test_integer_capacity_of_any_kind(capacity):
+    dispatcher = CapacityDispatcher(
+        2, tf.constant([[0.6, 0.4], [0.0, 1.0]]), k=2, capacity=capacity
+    )
+    assert dispatcher.dispatch(np.ones((2, 3), "float32")).shape == (2, 2, 3)
+
+
+def test_integer_outputs_are_not_weighted_by_truncated_gates():
+    gates = tf.constant([[0.7, 0.3], [0.0, 1.0]])
+    dispatcher = CapacityDispatcher(2, gates, k=2, capacity=2)
+    with pytest.raises(TypeError, match="expert_out.dtype=int32"):
+        dispatcher.combine(tf.ones([2, 2, 1], tf.int32))
+
+
 def _pair(**kwargs):
     common = dict(hidden_sizes=(7,), gate_initializer="random_normal",
                   **kwargs)

@@ -94,3 +94,14 @@ def test_bad_gates_and_expert_outputs():
     dispatcher = keras_moe.SparseDispatcher(3, GATES)
     with pytest.raises(ValueError, match="Received: 2 tensors"):
         dispatcher.combine(dispatcher.dispatch(INPUTS)[:2])
+
+
+def test_integer_outputs_are_not_weighted_by_truncated_gates():
+    dispatcher = keras_moe.SparseDispatcher(3, GATES)
+    payload = np.arange(4, dtype=np.int32)[:, None]
+    with pytest.raises(TypeError, match="stitched.dtype=int32"):
+        dispatcher.combine(dispatcher.dispatch(payload))
+    # Unweighted, integers are summed as they are.
+    summed = dispatcher.combine(dispatcher.dispatch(payload),
+                                multiply_by_gates=False).numpy()[:, 0]
+    np.testing.assert_array_equal(summed, payload[:, 0] * (GATES > 0).sum(1))

@@ -110,3 +110,59 @@ def test_layers_of_equal_shape_draw_different_values():
     assert first.shape == second.shape
     assert not np.allclose(first, second)
     assert not np.allclose(first[1], second[0])
+
+
+def _built_experts():
+    experts = keras_moe.FeedForwardExperts(3, 4, hidden_sizes=(5,))
+    experts.build((None, 6))
+    return experts
+
+
+@pytest.mark.parametrize("part_sizes, error, message", [
+    ([-1, 0, 3], ValueError, r"part_sizes=\[-1, 0, 3\] for 2 rows"),
+    ([2, 0, 2], ValueError, "sum to the number of rows"),
+    ([2, 0], ValueError, r"part_sizes.shape=\(2,\)"),
+    ([[2, 0, 0]], ValueError, r"part_sizes.shape=\(1, 3\)"),
+    ([2.0, 0.0, 0.0], TypeError, "part_sizes.dtype=float32"),
+])
+def test_bad_part_sizes(part_sizes, error, message):
+    with pytest.raises(error, match=message):
+        _built_experts()(np.ones((2, 6), "float32"), part_sizes=part_sizes)
+
+
+def test_bad_part_sizes_inside_tf_function():
+    experts = _built_experts()
+    run = tf.function(
+        lambda x, sizes: experts(x, part_sizes=sizes),
+        input_signature=[tf.TensorSpec([None, 6]), tf.TensorSpec([None], tf.int32)],
+    )
+    # -1 would be tf.split's "the rest": a silent wrong split.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="part_sizes"):
+        run(tf.ones([5, 6]), tf.constant([5, 0, -1]))
+    assert run(tf.ones([5, 6]), tf.constant([5, 0, 0])).shape == (5, 4)
+
+
+def test_part_sizes_as_a_list_has_a_gradient():
+    experts = _built_experts()
+    with tf.GradientTape() as tape:
+        y = experts(np.ones((5, 6), "float32"), part_sizes=[2, 0, 3])
+    grads = tape.gradient(y, experts.trainable_variables)
+    assert [g.shape for g in grads] == [(3, 6, 5), (3, 5, 4)]
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_wrong_number_of_slabs_known_only_at_run_time(jit_compile):
+    experts = _built_experts()
+    run = tf.function(experts, jit_compile=jit_compile,
+                      input_signature=[tf.TensorSpec([None, None, 6])])
+    assert run(tf.ones([3, 2, 6])).shape == (3, 2, 4)
+    # A batched matmul would broadcast one slab through every expert.
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[3,\?,6\]"):
+        run(tf.ones([1, 2, 6]))
+
+
+def test_call_expert_checks_its_input():
+    with pytest.raises(ValueError, match="needs a built layer"):
+        keras_moe.FeedForwardExperts(3, 4).call_expert(np.ones((2, 6)), 0)
+    with pytest.raises(ValueError, match=r"x.shape=\(2, 5\)"):
+        _built_experts().call_expert(np.ones((2, 5), "float32"), 0)
