@@ -112,19 +112,19 @@ CONFIGS = collections.OrderedDict([
     ("many-experts", (2048, 256, 1024, 256, 2, MODES)),
     ("serving", (32, 512, 2048, 64, 2, ("infer_fwd",))),
 ])
-# --quick: d / 4, hidden / 4, tokens / 8 to / 32, experts / 2 to / 4 (the
+# --quick: d / 4, hidden / 4, tokens / 8 to / 32, experts / 2 to / 8 (the
 # XLA compile time grows with tokens and the trace time with experts).
 QUICK_CONFIGS = collections.OrderedDict([
     ("large", (256, 128, 512, 16, 2, MODES)),
     ("small-batch", (32, 128, 512, 32, 2, MODES)),
-    ("many-experts", (128, 64, 256, 64, 2, MODES)),
+    ("many-experts", (128, 64, 256, 32, 2, MODES)),
     ("serving", (4, 128, 512, 32, 2, ("infer_fwd",))),
 ])
 # cost_ratio = cost(ratio[0] experts) / cost(ratio[1] experts).
 SCALING = dict(tokens=2048, d=256, hidden=1024, k=2,
                experts=(4, 16, 64, 256), ratio=(256, 16))
 QUICK_SCALING = dict(tokens=128, d=64, hidden=256, k=2,
-                     experts=(2, 4, 16, 64), ratio=(64, 4))
+                     experts=(2, 4, 8, 16), ratio=(16, 4))
 SCALING_METHODS = ("sparse", "capacity", "capacity_xla", "original")
 MEMORY_CONFIG = "large"
 MEMORY_METHODS = ("sparse", "capacity", "capacity_xla", "oracle", "original")
