@@ -74,6 +74,8 @@ class SparseDispatcher:
         Rows `sum(part_sizes[:i])` to `sum(part_sizes[:i + 1])` go to
         expert `i`.
         """
+        inp = _check_rows("inp", inp, tf.shape(self._gates)[0],
+                          "one row per row of `gates`")
         return tf.gather(inp, self._batch_index)
 
     def dispatch(self, inp):
@@ -105,7 +107,9 @@ class SparseDispatcher:
             A tensor `[batch, ...]`: row `b` is the (gate-weighted) sum of
             the outputs for row `b`; rows routed nowhere are zero.
         """
-        stitched = tf.convert_to_tensor(stitched)
+        stitched = _check_rows("stitched", stitched,
+                               tf.size(self._nonzero_gates),
+                               "one row per routed (row, expert) pair")
         if multiply_by_gates:
             _check_weighable("stitched", stitched)
             gates = tf.cast(self._nonzero_gates, stitched.dtype)
@@ -287,6 +291,26 @@ class CapacityDispatcher:
                               tf.ones([gathered.shape.rank - 2], tf.int32)], 0)
         )
         return tf.reduce_sum(gathered * gates, axis=1)
+
+
+def _check_rows(name, values, rows, what):
+    """`values` as a tensor whose first dimension is `rows` (a scalar int
+    tensor): checked now when eager, by an assertion op in a graph."""
+    values = tf.convert_to_tensor(values)
+    message = f"`{name}` must have {what}"
+    if values.shape.rank == 0:
+        raise ValueError(f"{message}. Received: {name}.shape=()")
+    if tf.executing_eagerly():
+        if values.shape[0] != int(rows):
+            raise ValueError(
+                f"{message} ({int(rows)}). Received: "
+                f"{name}.shape={tuple(values.shape)}"
+            )
+        return values
+    with tf.control_dependencies(
+        [tf.debugging.assert_equal(tf.shape(values)[0], rows, message=message)]
+    ):
+        return tf.identity(values)
 
 
 def _check_weighable(name, values):

@@ -105,3 +105,20 @@ def test_integer_outputs_are_not_weighted_by_truncated_gates():
     summed = dispatcher.combine(dispatcher.dispatch(payload),
                                 multiply_by_gates=False).numpy()[:, 0]
     np.testing.assert_array_equal(summed, payload[:, 0] * (GATES > 0).sum(1))
+
+
+def test_wrong_row_counts():
+    dispatcher = keras_moe.SparseDispatcher(3, GATES)
+    with pytest.raises(ValueError, match=r"`inp` must have one row per row "
+                       r"of `gates` \(4\). Received: inp.shape=\(3, 2\)"):
+        dispatcher.dispatch(INPUTS[:3])
+    parts = dispatcher.dispatch(INPUTS)
+    with pytest.raises(ValueError, match=r"routed \(row, expert\) pair \(5\)"):
+        dispatcher.combine_concatenated(tf.concat(parts, 0)[:4])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 2])])
+    def dispatch(x):
+        return keras_moe.SparseDispatcher(3, GATES).dispatch_concatenated(x)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="`inp` must"):
+        dispatch(INPUTS[:3])
