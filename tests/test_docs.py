@@ -44,9 +44,7 @@ def python_blocks(text):
     for number, line in enumerate(lines):
         if start is None and line.strip() == "```python":
             skipped = number > 0 and lines[number - 1].strip() == NOT_RUN
-            start = None if skipped else number + 1
-            if skipped:
-                start = -1
+            start = -1 if skipped else number + 1  # -1: a block not to run
         elif start is not None and line.strip() == "```":
             if start >= 0:
                 blocks.append((start + 1, "\n".join(lines[start:number])))
