@@ -24,9 +24,9 @@ original run now when it is found (same lookup as tests/oracle.py), on the
 `LIVE_CASES` subset by default -- the original's graphs are slow to build --
 and on every case with KERAS_MOE_PARITY_LIVE=all.
 
-Tolerances as in tests/test_parity.py: forward rtol 1e-5, gradients rtol
-1e-4, atol 1e-5 * max|reference| and for gradients at least 2e-6 * the
-largest gradient of the case. In inference the original's gradients w.r.t.
+Tolerances as in tests/test_parity.py (the rule of tests/numerics.py:
+forward quantities at depth FORWARD, gradients at depth GRADIENT with the
+largest gradient of the case as their floor). In inference the original's gradients w.r.t.
 the noise kernels are NaN (0 * inf in erf's gradient); ours must be finite
 and exactly zero there (the documented deviation).
 """
@@ -43,9 +43,10 @@ from keras.src import testing
 
 import keras_moe
 import oracle
+from numerics import FORWARD, GRADIENT
 from parity_checks import (
-    FORWARD_RTOL, GRAD_RTOL, NO_ORIGINAL, FixtureFile, LiveOriginal,
-    assert_fixture_matches_live, assert_matches, digest, grad_floor,
+    NO_ORIGINAL, FixtureFile, LiveOriginal, assert_fixture_matches_live,
+    assert_matches, digest, grad_floor,
 )
 
 
@@ -207,7 +208,7 @@ def check(case, ref, mine, mode, source):
                                   per_token, err_msg=what + " gates")
     for name in ("gates", "importance", "load", "y", "aux_loss",
                  "expert_gates"):
-        assert_matches(mine[name], ref[name], FORWARD_RTOL,
+        assert_matches(mine[name], ref[name], FORWARD,
                        what="%s %s" % (what, name))
     # The original's expert_to_identifiers, concatenated over experts: the
     # tokens each expert received, in order.
@@ -223,7 +224,7 @@ def check(case, ref, mine, mode, source):
     floor = grad_floor(ref, "grad/")
     for name in oracle.hier_weight_names(case):
         key = "grad/" + name
-        assert_matches(mine[key], ref[key], GRAD_RTOL, atol_floor=floor,
+        assert_matches(mine[key], ref[key], GRADIENT, floor=floor,
                        nan_ok=(mode == "infer" and _is_noise_kernel(name)),
                        what="%s d(loss)/d(%s)" % (what, name))
 
