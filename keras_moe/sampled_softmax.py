@@ -449,9 +449,26 @@ class SampledSoftmaxLoss(keras.layers.Layer):
                 self.embeddings_initializer
             ),
             "embedding": (
-                None
-                if self._owns_embedding
-                else keras.saving.serialize_keras_object(self.embedding)
+                None if self._owns_embedding
+                else shared_layer_config(self.embedding)
             ),
         }
         return {**base_config, **config}
+
+
+def shared_layer_config(layer):
+    """The serialized config of a layer held by another layer that does not
+    own it (a tied `embedding`), marked as shared when saved with a model.
+
+    While saving a model, Keras restores an object it meets twice once, by
+    a `shared_object_id` it writes into each copy of the object's config.
+    It adds the id to the first copy when it meets the second, but by then
+    it has copied the config returned here into the holder's config: when
+    the holder comes before the held layer in `model.layers`, the saved copy
+    would lack the id, and the loader would build the held layer twice
+    (untied) and look for its weights where the holder saved them.
+    Serialized twice here, the layer comes back already marked (within a
+    save; outside one Keras shares nothing and the config is the plain one).
+    """
+    keras.saving.serialize_keras_object(layer)
+    return keras.saving.serialize_keras_object(layer)

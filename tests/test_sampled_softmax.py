@@ -13,6 +13,7 @@ Keras training, serialization and export, mixed precision and bad input.
 
 import doctest
 import functools
+import json
 
 import keras
 import numpy as np
@@ -380,22 +381,56 @@ def test_keras_file_round_trip(tmp_path):
                                   expected)
 
 
-def test_tied_model_keras_file_round_trip(tmp_path):
+def _tied_model(loss_first):
+    """A model whose loss layer reads its classes from the embedding it
+    also uses as a layer; `loss_first` puts the loss layer before the
+    embedding in `model.layers`."""
     ids = keras.Input((None,), dtype="int32")
     targets = keras.Input((None,), dtype="int32")
     emb = ShardedEmbedding(VOCAB, 6, 3, name="emb")
-    loss = SampledSoftmaxLoss(VOCAB, 5, embedding=emb, name="ssm")(
-        emb(ids), targets)
-    model = keras.Model([ids, targets], loss)
+    loss_layer = SampledSoftmaxLoss(VOCAB, 5, embedding=emb, name="ssm")
+    if loss_first:
+        features = keras.Input((None, 6))
+        model = keras.Model([ids, targets, features],
+                            [loss_layer(features, targets), emb(ids)])
+    else:
+        model = keras.Model([ids, targets],
+                            loss_layer(emb(ids), targets))
+    emb.set_full_table(np.random.RandomState(3).normal(
+        size=(VOCAB, 6)).astype(np.float32))
+    return model
+
+
+@pytest.mark.parametrize("loss_first", [False, True])
+def test_tied_model_keras_file_round_trip(tmp_path, loss_first):
+    model = _tied_model(loss_first)
+    names = [layer.name for layer in model.layers]
+    assert (names.index("ssm") < names.index("emb")) == loss_first
     assert len(model.weights) == 3  # one table, used twice
     x, y = _data(4)
-    expected = model.predict([x, y], verbose=0)
+    inputs = [x, y] + (
+        [np.random.RandomState(4).normal(size=(4, 4, 6)).astype(np.float32)]
+        if loss_first else [])
+    expected = model.predict(inputs, verbose=0)
     path = str(tmp_path / "tied.keras")
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
     assert loaded.get_layer("ssm").embedding is loaded.get_layer("emb")
     assert len(loaded.weights) == 3
-    np.testing.assert_array_equal(loaded.predict([x, y], verbose=0), expected)
+    for got, want in zip(loaded.weights, model.weights):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    for got, want in zip(tf.nest.flatten(loaded.predict(inputs, verbose=0)),
+                         tf.nest.flatten(expected)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_tied_config_outside_a_save_is_plain():
+    """Outside a save the tied embedding's config carries no sharing mark,
+    so configs of equal layers are equal."""
+    config = SampledSoftmaxLoss(
+        VOCAB, 5, embedding=ShardedEmbedding(VOCAB, 6, 3)).get_config()
+    assert "shared_object_id" not in config["embedding"]
+    json.dumps(config)
 
 
 def test_export_saved_model(tmp_path):
