@@ -77,6 +77,12 @@ def _fit_reference():
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _initial_weights():
+    """The weights every run above starts from."""
+    return harness.model_weights(common.build_model())
+
+
 def _read_trace(path):
     """`(restored, batches)`: the backup metadata each run found (None when
     there was none) and the `(epoch, batch)` pairs each run trained on,
@@ -166,8 +172,9 @@ def test_backup_and_restore_after_kill_mid_epoch(backup_runs):
     assert restored == {"epoch": epoch, "batch": 0}
     assert resumed == [(e, b) for e in range(epoch, EPOCHS)
                        for b in range(STEPS_PER_EPOCH)]
-    harness.assert_same_weights(final, _fit_reference(), 1e-6,
-                                "killed and restarted vs uninterrupted")
+    harness.assert_same_weights(
+        final, _fit_reference(), "killed and restarted vs uninterrupted",
+        initial=_initial_weights(), steps=EPOCHS * STEPS_PER_EPOCH)
 
 
 @pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
@@ -236,10 +243,12 @@ def test_multi_worker_checkpoint_resume_after_kill(tmp_path):
     )
     chief = results[0][:2]
     for i, (names, weights, _) in enumerate(results[1:], 1):
-        harness.assert_same_weights((names, weights), chief, 0,
+        harness.assert_same_weights((names, weights), chief,
                                     f"worker {i} vs worker 0")
-    harness.assert_same_weights(chief, _custom_loop_reference(), 1e-6,
-                                "killed and restarted vs uninterrupted")
+    harness.assert_same_weights(
+        chief, _custom_loop_reference(),
+        "killed and restarted vs uninterrupted", initial=_initial_weights(),
+        steps=STEPS)
     # The checkpoint layout: the chief's directory has the last step; the
     # other workers' temporary directories are gone.
     latest = os.path.basename(str(_latest_checkpoint(ckpt_dir)))

@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from numerics import STEP, assert_close
+
 WORKERS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(os.path.dirname(WORKERS_DIR))
 
@@ -251,18 +253,22 @@ def model_weights(model):
     return [str(v.path) for v in model.weights], model.get_weights()
 
 
-def assert_same_weights(actual, expected, atol, what):
-    """`actual` and `expected` are `(names, weights)`; every weight within
-    `atol` (exactly equal when `atol == 0`)."""
+def assert_same_weights(actual, expected, what, initial=None, steps=1):
+    """`actual` and `expected` are `(names, weights)`. With `initial` (the
+    weights both started from), every weight moved as in `expected`: the
+    updates compared by the rule of tests/numerics.py at depth
+    `STEP * steps`; without it, every weight is exactly equal."""
     names, got = actual[0], actual[1]
     assert names == list(expected[0]), (names, expected[0])
-    for name, a, b in zip(names, got, expected[1]):
-        if atol == 0:
+    if initial is not None:
+        assert names == list(initial[0]), (names, initial[0])
+    for i, (name, a, b) in enumerate(zip(names, got, expected[1])):
+        if initial is None:
             np.testing.assert_array_equal(a, b, err_msg=f"{what}: {name}")
         else:
-            np.testing.assert_allclose(
-                a, b, rtol=0, atol=atol, err_msg=f"{what}: {name}"
-            )
+            start = initial[1][i]
+            assert_close(a - start, b - start, STEP * steps,
+                         what=f"{what}: {name}")
 
 
 def max_abs_difference(a, b):
