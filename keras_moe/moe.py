@@ -63,6 +63,10 @@ class _SparseMixtureBase(keras.layers.Layer):
                 if self.routing_metrics else ()
             )
         }
+        # Whether `build` makes `last_importance` and `last_load`; False
+        # only for layers called by another through `_route` (the groups of
+        # a hierarchical layer), which never update them.
+        self._keeps_statistics = True
         self.supports_masking = True
         self.supports_jit = False
         # Inputs are cast here, the experts' to the compute dtype and the
@@ -87,6 +91,14 @@ class _SparseMixtureBase(keras.layers.Layer):
         local = self.__dict__.setdefault("_thread_losses", threading.local())
         local.losses = list(value)
 
+    def load_own_variables(self, store):
+        # Files written before `last_importance` and `last_load` existed
+        # whatever `routing_metrics` hold none for a layer built with
+        # `routing_metrics=False`: they keep their values (zeros).
+        if self._keeps_statistics and len(store.keys()) == 0:
+            return
+        super().load_own_variables(store)
+
     def _noise_shapes(self):
         """Trailing shapes of the noise draws, one per gating level."""
         raise NotImplementedError
@@ -103,10 +115,12 @@ class _SparseMixtureBase(keras.layers.Layer):
             validation.check_input_shape("gating_inputs", gating_inputs_shape, 2)
             gating_dim = gating_inputs_shape[-1]
         self._build_sublayers(input_dim, gating_dim)
-        if self.routing_metrics:
+        if self._keeps_statistics:
             # The last training batch's per-expert statistics, for
             # callbacks (`keras_moe.callbacks`); global under tf.distribute,
-            # so the first replica's copy is the one to keep.
+            # so the first replica's copy is the one to keep. They exist
+            # whatever `routing_metrics` (which only says whether they are
+            # updated), so that weights move between the two settings.
             self.last_importance, self.last_load = (
                 self.add_weight(
                     name=name,
@@ -416,7 +430,11 @@ class MixtureOfExperts(_SparseMixtureBase):
             metrics named `{layer name}_aux_loss`, `_importance_cv2`,
             `_load_cv2` and `_max_overload`, which `fit` and `evaluate`
             report (progress bar, history, TensorBoard). Global under
-            `tf.distribute` when `cross_replica_balance` is on.
+            `tf.distribute` when `cross_replica_balance` is on. Also
+            update `last_importance` and `last_load`, the last training
+            batch's importance and load, for `callbacks.RoutingMonitor`
+            (the layer has these two non-trainable weights either way,
+            so weights move between the two settings).
         dispatch: `"sparse"` (default): exact, each expert gets exactly
             its tokens, shapes depend on the data (no XLA). `"capacity"`:
             each expert gets `capacity` slots, static shapes, compiles with
@@ -809,6 +827,8 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
         # One attribute per group, not a list: tf.train.Checkpoint does
         # not follow Keras's tracked lists.
         for i, group in enumerate(groups):
+            # The groups keep no statistics: this layer keeps the whole's.
+            group._keeps_statistics = False
             setattr(self, f"group_{i}", group)
 
     @property

@@ -285,6 +285,82 @@ def test_keras_file_round_trip_with_mask(tmp_path):
                                rtol=1e-6, atol=1e-6)
 
 
+def _trained_routing_model(cls, routing_metrics):
+    inputs = keras.Input((5, 6))
+    if cls is keras_moe.MixtureOfExperts:
+        layer = cls(4, k=2, hidden_sizes=(5,), name="moe",
+                    routing_metrics=routing_metrics)
+    else:
+        layer = cls(2, 2, k=1, group_k=1, name="moe",
+                    routing_metrics=routing_metrics)
+    model = keras.Model(
+        inputs, keras.layers.Dense(1, name="head")(layer(inputs)))
+    _randomize_weights(model)
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    rng = np.random.default_rng(3)
+    model.fit(rng.normal(size=(8, 5, 6)).astype("float32"),
+              rng.normal(size=(8, 5, 1)).astype("float32"), verbose=0)
+    return model, layer
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [keras_moe.MixtureOfExperts, keras_moe.HierarchicalMixtureOfExperts],
+)
+@pytest.mark.parametrize("saved_with", [True, False])
+def test_weights_move_between_routing_metrics_settings(cls, saved_with,
+                                                       tmp_path):
+    """`routing_metrics` says whether the statistics are tracked, not which
+    weights the layer has: weights saved with one setting load into the
+    model built with the other (e.g. for serving), both ways."""
+    source, _ = _trained_routing_model(cls, saved_with)
+    x = _inputs()
+    expected = source.predict(x, verbose=0)
+    path = str(tmp_path / "model.weights.h5")
+    source.save_weights(path)
+    target, _ = _trained_routing_model(cls, not saved_with)
+    assert [w.path for w in target.weights] == [
+        w.path for w in source.weights]
+    target.load_weights(path)
+    for got, want in zip(target.weights, source.weights):
+        np.testing.assert_array_equal(got.numpy(), want.numpy(),
+                                      err_msg=want.path)
+    np.testing.assert_array_equal(target.predict(x, verbose=0), expected)
+    target, _ = _trained_routing_model(cls, not saved_with)
+    target.set_weights(source.get_weights())
+    np.testing.assert_array_equal(target.predict(x, verbose=0), expected)
+    # A whole .keras file with one setting, loaded and rebuilt with the
+    # other through its config.
+    keras_path = str(tmp_path / "model.keras")
+    source.save(keras_path)
+    config = source.get_config()
+    for layer_config in config["layers"]:
+        if layer_config["config"]["name"] == "moe":
+            layer_config["config"]["routing_metrics"] = not saved_with
+    rebuilt = keras.Model.from_config(config)
+    rebuilt.load_weights(keras_path)
+    np.testing.assert_array_equal(rebuilt.predict(x, verbose=0), expected)
+
+
+def test_weights_saved_without_statistics_still_load(tmp_path):
+    """Files written before the statistics existed whatever
+    `routing_metrics` hold none for a `routing_metrics=False` layer."""
+    import h5py
+
+    source, _ = _trained_routing_model(keras_moe.MixtureOfExperts, False)
+    path = str(tmp_path / "model.weights.h5")
+    source.save_weights(path)
+    with h5py.File(path, "a") as f:
+        own = f["layers/mixture_of_experts/vars"]
+        for key in list(own.keys()):
+            del own[key]
+    x = _inputs()
+    target, _ = _trained_routing_model(keras_moe.MixtureOfExperts, True)
+    target.load_weights(path)
+    np.testing.assert_array_equal(target.predict(x, verbose=0),
+                                  source.predict(x, verbose=0))
+
+
 # --------------------------------------------------------------------------
 # SavedModel export
 # --------------------------------------------------------------------------
