@@ -18,6 +18,13 @@ tf.config.set_logical_device_configuration(
 )
 
 
+def pytest_report_header(config):
+    # Numbers round differently on each CPU and oneDNN setting: say which.
+    import cpu_settings
+
+    return cpu_settings.describe()
+
+
 @pytest.fixture(autouse=True)
 def _reset_keras_state():
     """Each test starts with the default dtype policy and a fixed seed."""

@@ -1,0 +1,41 @@
+"""The oneDNN probe that .ci/run and pytest's header rely on."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import cpu_settings
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      "cpu_settings.py")
+
+
+def _run(*args, onednn=None):
+    env = dict(os.environ)
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    if onednn is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = onednn
+    result = subprocess.run([sys.executable, SCRIPT, *args], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_the_private_probe_still_exists():
+    # Fails loudly if a TensorFlow upgrade moves the private module.
+    assert isinstance(cpu_settings.onednn_enabled(), bool)
+
+
+@pytest.mark.parametrize("onednn, state", [("0", "off"), ("1", "on")])
+def test_the_probe_follows_the_setting(onednn, state):
+    assert _run(onednn=onednn).endswith(
+        "oneDNN: %s (TF_ENABLE_ONEDNN_OPTS=%s)" % (state, onednn))
+
+
+def test_other_onednn_is_the_opposite_of_the_default():
+    default = _run()
+    assert default.endswith("(TensorFlow's default here)"), default
+    other = _run("--other-onednn")
+    assert other == ("0" if "oneDNN: on" in default else "1")
