@@ -1,47 +1,21 @@
 """Runs the example scripts end to end (in quick mode) in a subprocess."""
 
-import os
-import pathlib
 import re
 import struct
-import subprocess
-import sys
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def run_example(script, *args, timeout=300):
-    env = dict(os.environ, KERAS_BACKEND="tensorflow")
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "examples" / script), *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
+from example_runner import check_ran, run_example
 
 def test_quickstart_quick():
     result = run_example("quickstart.py", "--quick")
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, (
-        f"quickstart.py --quick exited with {result.returncode}:\n{output}")
+    output = check_ran(result, "quickstart.py --quick")
     assert "test MSE:" in result.stdout, output
     assert "load balance: CV^2(load) =" in result.stdout, output
     assert "export check passed" in result.stdout, output
 
 
-def _check_ran(result, script):
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, (
-        f"{script} exited with {result.returncode}:\n{output}")
-    return output
-
-
 def test_transformer_block_quick():
     result = run_example("transformer_block.py", "--quick")
-    output = _check_ran(result, "transformer_block.py --quick")
+    output = check_ran(result, "transformer_block.py --quick")
     assert "validation accuracy over real tokens:" in result.stdout, output
     for key in ("aux_loss", "importance_cv2", "load_cv2", "max_overload"):
         assert f"moe_ffn_{key}" in result.stdout, output
@@ -53,7 +27,7 @@ def test_custom_training_loop_quick_mirrored():
     # under the default strategy.
     result = run_example("custom_training_loop.py", "--quick",
                          "--replicas", "2")
-    output = _check_ran(result, "custom_training_loop.py --quick")
+    output = check_ran(result, "custom_training_loop.py --quick")
     assert "2 replica(s) (MirroredStrategy)" in result.stdout, output
     assert "test MSE:" in result.stdout, output
     match = re.search(r"balancing loss ([0-9.]+) \(layer metric "
@@ -68,7 +42,7 @@ def test_custom_training_loop_quick_mirrored():
 
 def test_serving_quick():
     result = run_example("serving.py", "--quick")
-    output = _check_ran(result, "serving.py --quick")
+    output = check_ran(result, "serving.py --quick")
     assert "serving signature 'serving_default':" in result.stdout, output
     assert "input  ids: shape (None, None), dtype int32" in result.stdout, (
         output)
@@ -79,7 +53,7 @@ def test_serving_quick():
 def test_inspect_routing_quick(tmp_path):
     result = run_example("inspect_routing.py", "--quick", "--out",
                          str(tmp_path))
-    output = _check_ran(result, "inspect_routing.py --quick")
+    output = check_ran(result, "inspect_routing.py --quick")
     for expert in range(4):
         assert f"expert {expert}: " in result.stdout, output
     assert "load (tokens per expert):" in result.stdout, output

@@ -3,14 +3,10 @@
 import importlib.util
 import json
 import math
-import os
-import pathlib
 import re
-import subprocess
-import sys
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-SCRIPT = REPO_ROOT / "examples" / "language_model.py"
+from example_runner import check_ran, run_example
+
 HEADER = "| model | experts (k) | params total |"
 
 
@@ -20,20 +16,11 @@ def _row_cells(line):
 
 def test_language_model_quick(tmp_path):
     out = tmp_path / "lm"
-    env = dict(os.environ, KERAS_BACKEND="tensorflow")
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        # --quick takes under two minutes on 2 idle CPU cores; leave room
-        # for a loaded test machine.
-        timeout=600,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, (
-        f"language_model.py --quick exited with {result.returncode}:\n{output}")
+    # --quick takes under two minutes on 2 idle CPU cores; leave room for
+    # a loaded test machine.
+    result = run_example("language_model.py", "--quick", "--out", str(out),
+                         timeout=600)
+    output = check_ran(result, "language_model.py --quick")
 
     lines = result.stdout.splitlines()
     header = [i for i, line in enumerate(lines) if line.startswith(HEADER)]
