@@ -255,6 +255,44 @@ class ParityFixtureTest(testing.TestCase):
                                           err_msg=key)
 
 
+class ParityIsSharpTest(testing.TestCase):
+    """The parity comparisons, under the same tolerances, fail on the
+    smallest defects that matter (tests/numerics.py)."""
+
+    @parameterized.named_parameters(
+        dict(testcase_name="moe_" + mode, mode=mode)
+        for mode, _ in oracle.MODES)
+    def test_an_expert_kernel_off_by_1e_3_fails(self, mode):
+        case, data, results = fixture("hidden_autoscale")
+        check_moe(case, data, results[mode],
+                  ours("moe", case, data)[mode], mode, "fixture")
+        # The expert that receives the most tokens, its last layer scaled.
+        gates = results[mode]["gates"]
+        busiest = int(np.argmax(np.sum(gates != 0, axis=0)))
+        name = oracle.weight_names(case)[-1]
+        defective = dict(data)
+        defective[name] = data[name].copy()
+        defective[name][busiest] *= np.float32(1 + 1e-3)
+        with self.assertRaisesRegex(AssertionError, " y|grad"):
+            check_moe(case, data, results[mode],
+                      ours("moe", case, defective)[mode], mode, "fixture")
+
+    @parameterized.named_parameters(
+        dict(testcase_name="gating_" + mode, mode=mode)
+        for mode, _ in oracle.MODES)
+    def test_a_gate_kernel_column_off_by_1e_3_fails(self, mode):
+        case, data, results = fixture("clean_k2")
+        check_gating(case, data, results[mode],
+                     ours("gating", case, data)[mode], mode, "fixture")
+        defective = dict(data)
+        defective["gate_kernel"] = data["gate_kernel"].copy()
+        defective["gate_kernel"][:, 0] *= np.float32(1 + 1e-3)
+        with self.assertRaisesRegex(AssertionError, "gates|load|grad"):
+            check_gating(case, data, results[mode],
+                         ours("gating", case, defective)[mode], mode,
+                         "fixture")
+
+
 class ParityLiveOracleTest(testing.TestCase):
     """keras_moe against the original run now (skipped when absent)."""
 
