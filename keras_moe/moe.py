@@ -229,9 +229,16 @@ class _SparseMixtureBase(keras.layers.Layer):
             noise = noise[0]
 
         routed = self._route(x, gate_x, training, multiplier, noise, token_mask)
-        importance, load = self._balance(
-            self._global_statistics(routed.statistics)
+        # The tokens the statistics count (unmasked), summed over replicas
+        # with them.
+        if token_mask is None:
+            num_tokens = tf.cast(tf.shape(x)[0], tf.float32)
+        else:
+            num_tokens = tf.reduce_sum(tf.cast(token_mask, tf.float32))
+        statistics = self._global_statistics(
+            dict(routed.statistics, num_tokens=num_tokens)
         )
+        importance, load = self._balance(statistics)
         importance_cv2 = balance.cv_squared(importance)
         load_cv2 = balance.cv_squared(load)
         aux_loss = self.loss_coef * (importance_cv2 + load_cv2)
@@ -244,11 +251,27 @@ class _SparseMixtureBase(keras.layers.Layer):
                 "max_overload": balance.max_overload(load),
                 "dropped_fraction": routed.dropped_fraction,
             }
+            # A batch with no tokens (no rows, or all masked) routes
+            # nothing: its zeros must not count in the metrics' means, nor
+            # replace the last statistics. `dropped_fraction` describes the
+            # replica's own tokens.
+            has_tokens = statistics["num_tokens"] > 0
             for key, tracker in self._routing_trackers.items():
-                tracker.update_state(tf.stop_gradient(values[key]))
+                counts = num_tokens > 0 if key == "dropped_fraction" else (
+                    has_tokens
+                )
+                tracker.update_state(
+                    tf.where(counts, tf.stop_gradient(values[key]), 0.0),
+                    sample_weight=tf.cast(counts, tf.float32),
+                )
             if training:
-                self.last_importance.assign(tf.stop_gradient(importance))
-                self.last_load.assign(tf.stop_gradient(load))
+                self.last_importance.assign(tf.where(
+                    has_tokens, tf.stop_gradient(importance),
+                    self.last_importance,
+                ))
+                self.last_load.assign(tf.where(
+                    has_tokens, tf.stop_gradient(load), self.last_load
+                ))
 
         flat_outputs = routed.outputs
         if xla.maybe_tracing_for_xla():

@@ -1,11 +1,15 @@
 """Routing metrics in fit and evaluate logs, checked against the layer's
 own routing on the same batch, on one device and under MirroredStrategy."""
 
+import contextlib
+
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_moe
+from numerics import ELEMENTWISE, assert_close
 from strategies import mirrored
 
 KEYS = ("aux_loss", "importance_cv2", "load_cv2", "max_overload")
@@ -13,6 +17,8 @@ KEYS = ("aux_loss", "importance_cv2", "load_cv2", "max_overload")
 
 def _model(layer_cls=keras_moe.MixtureOfExperts, **kwargs):
     inputs = keras.Input((6,))
+    if layer_cls is keras_moe.HierarchicalMixtureOfExperts:
+        assert not kwargs.pop("dispatch", None)
     if layer_cls is keras_moe.MixtureOfExperts:
         layer = layer_cls(5, k=2, name="moe", noisy_gating=False,
                           gate_initializer=keras.initializers.RandomNormal(
@@ -103,3 +109,54 @@ def test_last_training_batch_statistics_are_kept_for_callbacks():
     layer(x[:3], training=False)
     np.testing.assert_array_equal(layer.last_load.numpy(), before)
     assert not layer.last_load.trainable
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+@pytest.mark.parametrize(
+    "layer_cls, dispatch",
+    [(keras_moe.MixtureOfExperts, "sparse"),
+     (keras_moe.MixtureOfExperts, "capacity"),
+     (keras_moe.HierarchicalMixtureOfExperts, None)],
+)
+def test_a_batch_without_tokens_moves_no_metric(layer_cls, dispatch,
+                                                replicas):
+    """An empty batch (a dataset's last, say) routes nothing: fit and
+    evaluate report what they report without it."""
+    strategy = mirrored(replicas) if replicas > 1 else None
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        model, layer = _model(layer_cls, dispatch=dispatch)
+    x, y = _data()
+    batch = tf.data.Dataset.from_tensors((x, y))
+    with_empty = batch.concatenate(
+        tf.data.Dataset.from_tensors((x[:0], y[:0])))
+    keys = ["loss"] + [f"moe_{key}" for key in KEYS] + (
+        ["moe_dropped_fraction"] if dispatch == "capacity" else [])
+    expected = model.evaluate(batch, verbose=0, return_dict=True)
+    got = model.evaluate(with_empty, verbose=0, return_dict=True)
+    for key in keys:
+        assert_close(got[key], expected[key], ELEMENTWISE, what=key)
+    expected = model.fit(batch, verbose=0).history
+    statistics = [layer.last_importance.numpy(), layer.last_load.numpy()]
+    assert np.any(statistics[1] > 0)
+    got = model.fit(with_empty, verbose=0).history
+    for key in keys:
+        assert_close(got[key][0], expected[key][0], ELEMENTWISE, what=key)
+    # The empty batch came last: the statistics are still the batch's.
+    assert_close(layer.last_importance.numpy(), statistics[0], ELEMENTWISE,
+                 what="last_importance")
+    assert_close(layer.last_load.numpy(), statistics[1], ELEMENTWISE,
+                 what="last_load")
+
+
+def test_a_fully_masked_batch_moves_no_metric():
+    _, layer = _model()
+    x, _ = _data()
+    layer(x, training=True)
+    before = {m.name: float(m.result()) for m in layer.metrics}
+    load = layer.last_load.numpy()
+    layer(x, training=True, mask=np.zeros(len(x), bool))
+    layer(x[:0], training=True)
+    for metric in layer.metrics:
+        assert_close(float(metric.result()), before[metric.name],
+                     ELEMENTWISE, what=metric.name)
+    np.testing.assert_array_equal(layer.last_load.numpy(), load)
