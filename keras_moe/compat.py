@@ -27,10 +27,10 @@ def load_tf1_checkpoint(layer, checkpoint, name):
     """Loads the original's MoE variables from a TF1 checkpoint into `layer`.
 
     Every variable the layer needs must be in the checkpoint with the
-    right shape, and no variable of the original's naming scheme for `name`
-    may be left over (a checkpoint with more experts, say); otherwise a
-    `ValueError` lists the offending names and shapes and no weight is
-    changed. Variables of other names (other layers, `global_step`) are
+    right shape, a floating-point dtype and finite values, and no variable
+    of the original's naming scheme for `name` may be left over (a
+    checkpoint with more experts, say); otherwise a `ValueError` lists the
+    offending names (with shapes or dtypes) and no weight is changed. Variables of other names (other layers, `global_step`) are
     ignored.
 
     Args:
@@ -97,6 +97,20 @@ def load_tf1_checkpoint(layer, checkpoint, name):
         v for v in expected
         if v in available and tuple(available[v]) != tuple(expected[v])
     )
+    dtypes = reader.get_variable_to_dtype_map()
+    not_float = sorted(
+        v for v in expected
+        if v in available and not tf.as_dtype(dtypes[v]).is_floating
+    )
+    # Read every value now: a checkpoint that holds NaN or infinity is
+    # refused before anything is assigned, like any other bad variable.
+    values = {
+        v: reader.get_tensor(v) for v in expected
+        if v in available and v not in mismatched and v not in not_float
+    }
+    not_finite = sorted(
+        v for v, value in values.items() if not np.isfinite(value).all()
+    )
     problems = []
     if missing:
         problems.append(
@@ -116,6 +130,16 @@ def load_tf1_checkpoint(layer, checkpoint, name):
                 for v in mismatched
             )
         )
+    if not_float:
+        problems.append(
+            "not floating-point: "
+            + ", ".join(f"{v} ({tf.as_dtype(dtypes[v]).name})"
+                        for v in not_float)
+        )
+    if not_finite:
+        problems.append(
+            "NaN or infinite values: " + ", ".join(not_finite)
+        )
     if problems:
         raise ValueError(
             f"Cannot load checkpoint {checkpoint!r} (name={name!r}) into "
@@ -123,12 +147,15 @@ def load_tf1_checkpoint(layer, checkpoint, name):
             + "; ".join(problems)
         )
 
-    # Gather every value first, then assign: all or nothing.
+    # Every value converted to its variable's dtype first, then assigned:
+    # all or nothing.
     updates = {}
     for source, (variable, index, _) in targets.items():
-        value = reader.get_tensor(source)
+        value = values[source]
         if index is None:
-            updates[id(variable)] = (variable, value)
+            updates[id(variable)] = (
+                variable, np.asarray(value, variable.dtype)
+            )
         else:
             stacked = updates.setdefault(
                 id(variable), (variable, np.array(variable.numpy()))

@@ -350,6 +350,36 @@ def test_bad_checkpoint_raises_and_loads_nothing(tmp_path, kind, errors):
                for a, (_, b) in zip(good.weights, before))
 
 
+@pytest.mark.parametrize("bad", ["string", "integer", "nan", "inf"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_values_raise_before_anything_is_loaded(tmp_path, kind, bad):
+    """A variable of the right name and shape whose values cannot be
+    weights (text, integers, NaN, infinity) is refused like a missing one,
+    before any weight is assigned; the gate kernels sort before it."""
+    case, _ = committed_outputs(kind)
+    arrays = read_checkpoint(committed_prefix(kind))
+    noise = sorted(n for n in arrays if n.endswith("_gating_noise"))
+    name = noise[-1]
+    shape = arrays[name].shape
+    if bad == "string":
+        value = np.full(shape, b"0.5", dtype=object)
+    elif bad == "integer":
+        value = np.ones(shape, np.int32)
+    else:
+        value = np.array(arrays[name])
+        value.flat[0] = np.nan if bad == "nan" else np.inf
+    prefix = write_checkpoint(tmp_path, {**arrays, name: value})
+    layer = make_layer(case)
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match="nothing was loaded") as excinfo:
+        load_tf1_checkpoint(layer, prefix, "moe")
+    message = str(excinfo.value)
+    assert name in message
+    assert ("NaN or infinite" if bad in ("nan", "inf")
+            else "not floating-point") in message
+    assert_unchanged(layer, before)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_noise_kernels_must_match_noisy_gating(tmp_path, kind):
     case, _ = committed_outputs(kind)
