@@ -8,8 +8,8 @@ tokens per expert (serving <= 0.6x the original, R_roofline <= 1.5) are
 bounded by how fast a matmul with a few rows reads an expert's kernel.
 This measures that bound for two kernels on the benchmark's shapes, so a
 custom op can be judged before it is written. Per configuration (tokens,
-d, hidden, experts, k from bench_moe.py; tokens routed to uniformly random
-experts):
+d, hidden, experts, k from bench_moe.py's configs.py; tokens routed to
+uniformly random experts):
 
 - `forward`: every active expert's two layers, `x_e @ W0_e` then
   `h_e @ W1_e` (the sparse dispatch's forward matmuls, no activation);
@@ -32,8 +32,10 @@ import time
 
 import numpy as np
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # as bench_moe.py
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_moe  # noqa: E402  (the configurations)
+import configs  # noqa: E402  (bench_moe.py's configurations)
+import machine  # noqa: E402
 
 CONFIG_NAMES = ("small-batch", "many-experts", "serving")
 KERNELS = ("forward", "kernel_grad")
@@ -124,26 +126,26 @@ def median_times(kernels, reps, warmup=2):
 def run(quick=False, reps=None):
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(2)
-    tf.config.threading.set_inter_op_parallelism_threads(2)
-    configs = bench_moe.QUICK_CONFIGS if quick else bench_moe.CONFIGS
+    tf.config.threading.set_intra_op_parallelism_threads(configs.THREADS)
+    tf.config.threading.set_inter_op_parallelism_threads(configs.THREADS)
+    shapes = configs.QUICK_CONFIGS if quick else configs.CONFIGS
     reps = reps or (3 if quick else 9)
     results = {
         "meta": {
             "quick": quick, "reps": reps,
             "tensorflow": tf.__version__, "numpy": np.__version__,
-            "environment": bench_moe.environment_info(),
-            "threads": 2,
+            "environment": machine.environment_info(),
+            "threads": configs.THREADS,
         },
         "configs": {},
     }
     for name in CONFIG_NAMES:
-        tokens, d, hidden, experts, k, _ = configs[name]
+        tokens, d, hidden, experts, k, _ = shapes[name]
         kernels, weight_bytes, facts = make_kernels(
             tokens, d, hidden, experts, k
         )
         times = median_times(kernels, reps)
-        entry = dict(shape=bench_moe.shape_dict(tokens, d, hidden, experts, k),
+        entry = dict(shape=configs.shape_dict(tokens, d, hidden, experts, k),
                      **facts, kernels={})
         for kernel in KERNELS:
             t_tf, t_blas = times[(kernel, "tf")], times[(kernel, "blas")]

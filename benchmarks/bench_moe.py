@@ -68,21 +68,17 @@ Progress goes to stderr, one line per configuration; the JSON goes to --json
 issue 5 are printed with whether each is met, as information only.
 """
 
-import argparse
 import collections
 import ctypes
 import gc
 import json
 import math
 import os
-import platform
 import re
 import resource
 import statistics
 import sys
 import time
-import traceback
-import zlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["KERAS_BACKEND"] = "tensorflow"
@@ -93,454 +89,19 @@ if REPO_ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-THREADS = 2
-LOSS_COEF = 1e-2
-CAPACITY_FACTOR = 1.25
-EVAL_CAPACITY_FACTOR = 2.0
-
-METHODS = ("sparse", "capacity", "capacity_xla", "original", "dense_all",
-           "oracle")
-OURS = ("sparse", "capacity", "capacity_xla")
-MODES = ("train_fwd", "train_fwd_bwd", "infer_fwd")
-MODE_LABELS = {"train_fwd": "train fwd", "train_fwd_bwd": "train fwd+bwd",
-               "infer_fwd": "infer fwd"}
-
-# name: (tokens, d, hidden, experts, k, modes)
-CONFIGS = collections.OrderedDict([
-    ("large", (8192, 512, 2048, 16, 2, MODES)),
-    ("small-batch", (256, 512, 2048, 64, 2, MODES)),
-    ("many-experts", (2048, 256, 1024, 256, 2, MODES)),
-    ("serving", (32, 512, 2048, 64, 2, ("infer_fwd",))),
-])
-# --quick: d / 4, hidden / 4, tokens / 8 to / 32, experts / 2 to / 8 (the
-# XLA compile time grows with tokens and the trace time with experts).
-QUICK_CONFIGS = collections.OrderedDict([
-    ("large", (256, 128, 512, 16, 2, MODES)),
-    ("small-batch", (32, 128, 512, 32, 2, MODES)),
-    ("many-experts", (128, 64, 256, 32, 2, MODES)),
-    ("serving", (4, 128, 512, 32, 2, ("infer_fwd",))),
-])
-# cost_ratio = cost(ratio[0] experts) / cost(ratio[1] experts).
-SCALING = dict(tokens=2048, d=256, hidden=1024, k=2,
-               experts=(4, 16, 64, 256), ratio=(256, 16))
-QUICK_SCALING = dict(tokens=128, d=64, hidden=256, k=2,
-                     experts=(2, 4, 8, 16), ratio=(16, 4))
-SCALING_METHODS = ("sparse", "capacity", "capacity_xla", "original")
-MEMORY_CONFIG = "large"
-MEMORY_METHODS = ("sparse", "capacity", "capacity_xla", "oracle", "original")
-
-# Timing plans: warm-up calls, the shortest sample (calls are batched to
-# reach it), the time budget of one method's samples, repetitions.
-FULL_PLAN = dict(warmup=2, min_sample_s=0.05, budget_s=8.0, min_reps=3,
-                 max_reps=15, slow_s=15.0, slow_reps=2,
-                 gemm_n=2048, read_mib=256, rate_reps=7)
-QUICK_PLAN = dict(warmup=2, min_sample_s=0.01, budget_s=0.25, min_reps=2,
-                  max_reps=4, slow_s=5.0, slow_reps=2,
-                  gemm_n=768, read_mib=64, rate_reps=3)
-# The dense peer keeps [tokens, experts, hidden] float32 intermediates;
-# skipped above this size.
-DENSE_MAX_BYTES = 3 << 30
-
-
-def log(msg):
-    print("[bench_moe %6.1fs] %s" % (time.time() - _T0, msg), file=sys.stderr,
-          flush=True)
-
-
-_T0 = time.time()
-
-
-def shape_dict(tokens, d, hidden, experts, k):
-    return dict(tokens=tokens, d=d, hidden=hidden, experts=experts, k=k)
-
-
-def config_seed(name):
-    return zlib.crc32(name.encode()) & 0x7FFFFFFF
-
-
-def make_data(shape, seed):
-    """Inputs and weights of a configuration (float32 numpy), the same in
-    every process: x [T, d], gate and noise kernels [d, E] (N(0, 1/d):
-    logits of unit scale, balanced random routing), expert kernels
-    [E, d, h] and [E, h, d] (Glorot uniform) and the oracle's input
-    [T * k, d]."""
-    rng = np.random.default_rng(seed)
-    t, d, h, e, k = (shape[key] for key in ("tokens", "d", "hidden",
-                                            "experts", "k"))
-    f32 = np.float32
-
-    def uniform(size, limit):
-        a = rng.random(size, dtype=f32)
-        a *= 2 * limit
-        a -= limit
-        return a
-
-    limit = math.sqrt(6.0 / (d + h))
-    data = {
-        "x": rng.standard_normal((t, d), dtype=f32),
-        "gate_kernel": rng.standard_normal((d, e), dtype=f32) / f32(
-            math.sqrt(d)),
-        "noise_kernel": rng.standard_normal((d, e), dtype=f32) / f32(
-            math.sqrt(d)),
-        "kernel_0": uniform((e, d, h), limit),
-        "kernel_1": uniform((e, h, d), limit),
-        "oracle_x": rng.standard_normal((t * k, d), dtype=f32),
-    }
-    return data
-
-
-# ---------------------------------------------------------------------------
-# Machine description.
-# ---------------------------------------------------------------------------
-
-
-def load_average():
-    try:
-        return list(os.getloadavg())
-    except OSError:
-        return None
-
-
-def git_revision():
-    """The repository's commit (with "+dirty" when keras_moe/ has changes),
-    or None."""
-    import subprocess
-
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                              cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "keras_moe"],
-                               cwd=REPO_ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (head + ("+dirty" if dirty else "")) or None
-
-
-# Settings that change CPU speed a lot (docs/performance.md): oneDNN
-# kernels and its allocator, TensorFlow's BFC allocator on the CPU, glibc's
-# malloc, a preloaded allocator.
-ENVIRONMENT_KEYS = ("TF_ENABLE_ONEDNN_OPTS", "TF_CPU_ALLOCATOR_USE_BFC",
-                    "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
-                    "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
-
-
-def environment_info():
-    """The settings of ENVIRONMENT_KEYS in this run (unset ones left out)."""
-    return {k: os.environ[k] for k in ENVIRONMENT_KEYS if k in os.environ}
-
-
-def machine_info():
-    info = {"nproc": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal"):
-                    info["mem_total_gib"] = round(
-                        int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    try:
-        info["affinity_cpus"] = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        pass
-    return info
-
-
-# ---------------------------------------------------------------------------
-# Our layers, the peer and the oracle (in this process).
-# ---------------------------------------------------------------------------
-
-
-def build_ours(shape, data, dispatch):
-    import keras_moe
-
-    layer = keras_moe.MixtureOfExperts(
-        shape["experts"], k=shape["k"], hidden_sizes=(shape["hidden"],),
-        loss_coef=LOSS_COEF, dispatch=dispatch,
-        capacity_factor=CAPACITY_FACTOR,
-        eval_capacity_factor=EVAL_CAPACITY_FACTOR, seed=1,
-    )
-    layer.build((None, shape["d"]))
-    layer.gating.gate_kernel.assign(data["gate_kernel"])
-    layer.gating.noise_kernel.assign(data["noise_kernel"])
-    layer.experts.kernels[0].assign(data["kernel_0"])
-    layer.experts.kernels[1].assign(data["kernel_1"])
-    return layer
-
-
-def mode_functions(forward, weights, jit_compile=False):
-    """{mode: tf.function(x)} from `forward(x, training) -> (y, aux)`: the
-    training forward, the training forward + backward (gradients of
-    `sum(y**2) + aux` w.r.t. `weights`) and the inference forward."""
-    import tensorflow as tf
-
-    def train_fwd(x):
-        return forward(x, True)
-
-    def train_fwd_bwd(x):
-        with tf.GradientTape() as tape:
-            y, aux = forward(x, True)
-            loss = tf.reduce_sum(tf.square(y)) + aux
-        return tape.gradient(loss, weights)
-
-    def infer_fwd(x):
-        return forward(x, False)
-
-    return {name: tf.function(fn, jit_compile=jit_compile)
-            for name, fn in (("train_fwd", train_fwd),
-                             ("train_fwd_bwd", train_fwd_bwd),
-                             ("infer_fwd", infer_fwd))}
-
-
-def ours_functions(layer, jit_compile=False):
-    """{mode: tf.function(x)} for one of our layers."""
-    import tensorflow as tf
-
-    def forward(x, training):
-        y = layer(x, training=training)
-        aux = tf.add_n(layer.losses)
-        return y, aux
-
-    return mode_functions(forward, layer.trainable_weights, jit_compile)
-
-
-def dense_functions(layer, shape):
-    """The peer, "every expert on every token": the gates of `layer`'s gating
-    network weight the outputs of all experts (`layer`'s kernels) run on
-    every token with einsum, [tokens, experts, hidden] intermediates."""
-    import tensorflow as tf
-    import keras_moe
-
-    scale = (shape["hidden"] / shape["d"]) ** -0.5  # the experts' autoscale
-    w1, w2 = layer.experts.kernels
-    weights = [layer.gating.gate_kernel, layer.gating.noise_kernel, w1, w2]
-
-    def forward(x, training):
-        gates, load = layer.gating(x, training=training)
-        h = tf.nn.relu(tf.einsum("td,edh->teh", x, w1.value))
-        o = tf.einsum("teh,ehd->ted", h, w2.value)
-        y = tf.einsum("ted,te->td", o, gates * scale)
-        aux = LOSS_COEF * (keras_moe.cv_squared(tf.reduce_sum(gates, 0))
-                           + keras_moe.cv_squared(load))
-        return y, aux
-
-    return mode_functions(forward, weights)
-
-
-def oracle_functions(shape, data):
-    """The oracle: relu(x @ W1) @ W2 on x [tokens * k, d]; its forward for
-    every forward mode, the gradients of W1 and W2 for train_fwd_bwd."""
-    import tensorflow as tf
-
-    w1 = tf.Variable(data["kernel_0"][0])
-    w2 = tf.Variable(data["kernel_1"][0])
-
-    def fwd(x):
-        return tf.matmul(tf.nn.relu(tf.matmul(x, w1)), w2)
-
-    def fwd_bwd(x):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(tf.square(fwd(x)))
-        return tape.gradient(loss, [w1, w2])
-
-    f, fb = tf.function(fwd), tf.function(fwd_bwd)
-    return {"train_fwd": f, "train_fwd_bwd": fb, "infer_fwd": f}, (w1, w2)
-
-
-# ---------------------------------------------------------------------------
-# The original, in a worker process (forked before TensorFlow's runtime
-# starts), driven by JSON lines over pipes.
-# ---------------------------------------------------------------------------
-
-
-def build_original_graph(module, shape, data):
-    """The original LocalMixtureOfExperts on `data` in a new v1 graph and
-    Session. Returns (session, train placeholder, fetches by mode, y)."""
-    import tensorflow as tf
-    from tensorflow.core.protobuf import rewriter_config_pb2
-    from tests import oracle
-
-    v1 = tf.compat.v1
-    graph = v1.Graph()
-    with graph.as_default():
-        config = dict(d=shape["d"], n1=shape["experts"], n2=None,
-                      k=shape["k"], group_k=None, hidden=(shape["hidden"],),
-                      output_dim=None, autoscale=True, noisy=True,
-                      noise_epsilon=1e-2)
-        moe, wvars = oracle.build_original_moe(module, "local", config,
-                                               name="moe")
-        x_ph = v1.placeholder(tf.float32, data["x"].shape)
-        x = v1.get_variable("bench_x", data["x"].shape, tf.float32,
-                            v1.zeros_initializer(), trainable=False)
-        train = v1.placeholder(tf.bool, [], name="train")
-        y, importance, load, _, _ = moe.Eval(x, train)
-        aux = LOSS_COEF * (module.CVSquared(importance)
-                           + module.CVSquared(load))
-        loss = tf.reduce_sum(tf.square(y)) + aux
-        grads = v1.gradients(loss, moe.vars)
-        grad_ts = []
-        for g in grads:
-            if g is None:
-                continue
-            if isinstance(g, tf.IndexedSlices):
-                grad_ts += [g.values, g.indices]
-            else:
-                grad_ts.append(g)
-        fwd = tf.group(y, aux)
-        fetches = {"train_fwd": fwd, "train_fwd_bwd": tf.group(*grad_ts),
-                   "infer_fwd": fwd}
-        data_w = {"primary_gate_kernel": data["gate_kernel"],
-                  "primary_noise_kernel": data["noise_kernel"],
-                  "kernel_0": data["kernel_0"], "kernel_1": data["kernel_1"]}
-        assigns, feeds = oracle.assign_original_weights(
-            wvars, data_w, sorted(wvars))
-        assigns.append(v1.assign(x, x_ph))
-        feeds[x_ph] = data["x"]
-        init = v1.global_variables_initializer()
-        check = tf.reduce_sum(tf.abs(y))
-    config = v1.ConfigProto(intra_op_parallelism_threads=THREADS,
-                            inter_op_parallelism_threads=THREADS)
-    # Grappler's dependency optimizer would drop the control dependencies
-    # of the fetched tf.group on stateless ops (nothing would run); the
-    # other graph optimizations stay on, as a TF1 user had them.
-    config.graph_options.rewrite_options.dependency_optimization = (
-        rewriter_config_pb2.RewriterConfig.OFF)
-    sess = v1.Session(graph=graph, config=config)
-    sess.run(init)
-    sess.run(assigns, feeds)
-    del feeds
-    return sess, train, fetches, check
-
-
-def original_worker(path, cmd_fd, out_fd):
-    """Serves {"op": "build"|"time"|"check"|"close"|"exit"} requests."""
-    from tests import oracle
-
-    cmds = os.fdopen(cmd_fd, "r")
-    out = os.fdopen(out_fd, "w")
-    module = oracle.load_original(path)
-    graphs = {}
-
-    def reply(obj):
-        out.write(json.dumps(obj) + "\n")
-        out.flush()
-
-    for line in cmds:
-        req = json.loads(line)
-        op = req["op"]
-        try:
-            if op == "exit":
-                break
-            if op == "build":
-                t = time.perf_counter()
-                shape = req["shape"]
-                data = make_data(shape, req["seed"])
-                graphs[req["key"]] = build_original_graph(module, shape, data)
-                del data
-                gc.collect()
-                reply({"ok": True, "build_s": time.perf_counter() - t})
-            elif op == "time":
-                sess, train, fetches, _ = graphs[req["key"]]
-                fetch = fetches[req["mode"]]
-                feed = {train: req["mode"] != "infer_fwd"}
-                t = time.perf_counter()
-                for _ in range(req["n"]):
-                    sess.run(fetch, feed)
-                reply({"ok": True,
-                       "t": (time.perf_counter() - t) / req["n"]})
-            elif op == "check":
-                sess, train, _, check = graphs[req["key"]]
-                reply({"ok": True,
-                       "sum_abs_y": float(sess.run(check, {train: False}))})
-            elif op == "close":
-                entry = graphs.pop(req["key"], None)
-                if entry is not None:
-                    entry[0].close()
-                gc.collect()
-                reply({"ok": True})
-            else:
-                reply({"ok": False, "error": "unknown op %r" % op})
-        except Exception as e:  # reported, the benchmark goes on
-            reply({"ok": False, "error": "%s: %s" % (type(e).__name__, e),
-                   "traceback": traceback.format_exc()})
-    out.close()
-
-
-class OriginalClient(object):
-    """The main process's end of the original's worker process."""
-
-    def __init__(self, path):
-        self.path = path
-        self.error = None
-        cmd_r, cmd_w = os.pipe()
-        out_r, out_w = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 0
-            try:
-                os.close(cmd_w)
-                os.close(out_r)
-                original_worker(path, cmd_r, out_w)
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-            finally:
-                sys.stderr.flush()
-                os._exit(code)
-        os.close(cmd_r)
-        os.close(out_w)
-        self.pid = pid
-        self._cmd = os.fdopen(cmd_w, "w")
-        self._out = os.fdopen(out_r, "r")
-
-    def send(self, **req):
-        if self.error is not None:
-            return {"ok": False, "error": self.error}
-        try:
-            self._cmd.write(json.dumps(req) + "\n")
-            self._cmd.flush()
-        except (BrokenPipeError, OSError) as e:
-            self.error = "worker gone: %s" % e
-            return {"ok": False, "error": self.error}
-        return None
-
-    def receive(self):
-        if self.error is not None:
-            return {"ok": False, "error": self.error}
-        line = self._out.readline()
-        if not line:
-            self.error = "the original's worker process exited"
-            return {"ok": False, "error": self.error}
-        return json.loads(line)
-
-    def request(self, **req):
-        failed = self.send(**req)
-        return failed if failed is not None else self.receive()
-
-    def close(self):
-        if self.error is None:
-            try:
-                self.send(op="exit")
-                self._cmd.close()
-            except OSError:
-                pass
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
+from configs import (  # noqa: E402
+    CAPACITY_FACTOR, CONFIGS, DENSE_MAX_BYTES, EVAL_CAPACITY_FACTOR,
+    FULL_PLAN, MEMORY_CONFIG, MEMORY_METHODS, METHODS, MODE_LABELS,
+    OURS, QUICK_CONFIGS, QUICK_PLAN, QUICK_SCALING, SCALING, SCALING_METHODS,
+    THREADS, config_seed, make_data, parse_args, shape_dict)
+from machine import (  # noqa: E402
+    ENVIRONMENT_KEYS, environment_info, git_revision, load_average,
+    machine_info)
+from methods import (  # noqa: E402
+    build_ours, dense_functions, oracle_functions, ours_functions)
+from original_runner import (  # noqa: E402
+    OriginalClient, build_original_graph, find_original, load_original)
+from progress import START, log  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
@@ -895,9 +456,7 @@ def _memory_step(method, shape, original_path):
     """Builds `method` at `shape`; returns its forward + backward step."""
     data = make_data(shape, config_seed(MEMORY_CONFIG))
     if method == "original":
-        from tests import oracle
-
-        module = oracle.load_original(original_path)
+        module = load_original(original_path)
         sess, train, fetches, _ = build_original_graph(module, shape, data)
 
         def step():
@@ -1086,10 +645,9 @@ def _profile_original(name, shape, mode, calls, original_path):
     """The same for the original, from its Session's step stats
     (RunOptions.FULL_TRACE)."""
     import tensorflow as tf
-    from tests import oracle
 
     v1 = tf.compat.v1
-    module = oracle.load_original(original_path)
+    module = load_original(original_path)
     data = make_data(shape, config_seed(name))
     sess, train, fetches, _ = build_original_graph(module, shape, data)
     del data
@@ -1423,57 +981,9 @@ def markdown(results):
 # ---------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="scaled-down shapes, few repetitions (1-3 minutes)")
-    p.add_argument("--original", default=None,
-                   help="path of the original expert_utils_2017.py "
-                        "(default: tests/oracle.py's find_original())")
-    p.add_argument("--json", default=None,
-                   help="write the JSON results here (default: stdout)")
-    p.add_argument("--markdown", default=None,
-                   help="also write the markdown table here")
-    p.add_argument("--configs", default=None,
-                   help="comma-separated subset of: %s, scaling, memory "
-                        "(default: all)" % ", ".join(CONFIGS))
-    p.add_argument("--profile", default=None, metavar="CONFIG[:METHOD[:MODE]]",
-                   help="instead of the benchmark, print a per-op profile of "
-                        "one of our methods or the original (default sparse, "
-                        "train_fwd_bwd) at a configuration (with --quick: "
-                        "its quick shape)")
-    p.add_argument("--profile-calls", type=int, default=10)
-    p.add_argument("--profile-top", type=int, default=25)
-    args = p.parse_args(argv)
-    if args.profile is not None:
-        parts = args.profile.split(":")
-        parts += ["sparse", "train_fwd_bwd"][len(parts) - 1:]
-        if (len(parts) != 3 or parts[0] not in CONFIGS
-                or parts[1] not in OURS + ("original",)
-                or parts[2] not in MODES):
-            p.error("--profile takes CONFIG[:METHOD[:MODE]] with CONFIG in "
-                    "%s, METHOD in %s, original, MODE in %s" % (
-                        ", ".join(CONFIGS), ", ".join(OURS), ", ".join(MODES)))
-        args.profile = parts
-    known = list(CONFIGS) + ["scaling", "memory"]
-    if args.configs is None:
-        args.selected = known
-    else:
-        args.selected = [c.strip() for c in args.configs.split(",")
-                         if c.strip()]
-        bad = [c for c in args.selected if c not in known]
-        if bad:
-            p.error("unknown --configs %s; choose from %s" % (
-                ", ".join(bad), ", ".join(known)))
-    return args
-
-
 def main(argv=None):
-    args = parse_args(argv)
-    from tests import oracle
-
-    original = args.original or oracle.find_original()
+    args = parse_args(argv, __doc__.split("\n\n")[0])
+    original = args.original or find_original()
     if original is not None and not os.path.isfile(original):
         log("--original %s does not exist" % original)
         original = None
@@ -1571,7 +1081,7 @@ def main(argv=None):
     rates["gemm_n"], rates["read_mib"] = plan["gemm_n"], plan["read_mib"]
     results["rates"] = rates
     meta["load_after"] = load_average()
-    meta["wall_s"] = time.time() - _T0
+    meta["wall_s"] = time.time() - START
     results["targets"] = targets(results)
     text = json.dumps(results, indent=1, default=_json_default)
     if args.json:
