@@ -66,16 +66,20 @@ Usage:
 Progress goes to stderr, one line per configuration; the JSON goes to --json
 (or stdout) and a markdown table to stdout (and --markdown). The targets of
 issue 5 are printed with whether each is met, as information only.
+
+This script runs one configuration (`run_config`), the scaling sweep and
+`main`; the modules beside it hold the rest: configs.py (configurations,
+inputs, command line), methods.py (our layers, the peer, the oracle),
+original_runner.py (the original's worker; the only user of
+tests/oracle.py), timing.py, peak_memory.py, op_profile.py, report.py,
+machine.py and progress.py.
 """
 
 import collections
-import ctypes
 import gc
 import json
 import math
 import os
-import re
-import resource
 import sys
 import time
 
@@ -90,15 +94,18 @@ import numpy as np  # noqa: E402
 
 from configs import (  # noqa: E402
     CAPACITY_FACTOR, CONFIGS, DENSE_MAX_BYTES, EVAL_CAPACITY_FACTOR,
-    FULL_PLAN, MEMORY_CONFIG, MEMORY_METHODS, METHODS, MODE_LABELS,
-    QUICK_CONFIGS, QUICK_PLAN, QUICK_SCALING, SCALING, SCALING_METHODS,
-    THREADS, config_seed, make_data, parse_args, shape_dict)
+    FULL_PLAN, MEMORY_CONFIG, METHODS, MODE_LABELS, QUICK_CONFIGS,
+    QUICK_PLAN, QUICK_SCALING, SCALING, SCALING_METHODS, THREADS,
+    config_seed, make_data, parse_args, shape_dict)
 from machine import (  # noqa: E402
     environment_info, git_revision, load_average, machine_info)
 from methods import (  # noqa: E402
     build_ours, dense_functions, oracle_functions, ours_functions)
-from original_runner import (  # noqa: E402
-    OriginalClient, build_original_graph, find_original, load_original)
+from op_profile import format_profile, profile  # noqa: E402
+from original_runner import OriginalClient, find_original  # noqa: E402
+from peak_memory import (  # noqa: E402
+    fork_memory_child, join_memory_child, log_memory, memory_methods,
+    memory_results)
 from progress import START, log  # noqa: E402
 from report import fmt_r, fmt_s, markdown, targets  # noqa: E402
 from timing import (  # noqa: E402
@@ -313,323 +320,6 @@ def run_config_scaling(e, shape, plan, client):
 
 
 # ---------------------------------------------------------------------------
-# Memory (forked children, before this process starts TensorFlow's runtime).
-# ---------------------------------------------------------------------------
-
-
-def _rss_kib():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return None
-
-
-def _reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _maxrss_kib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _memory_step(method, shape, original_path):
-    """Builds `method` at `shape`; returns its forward + backward step."""
-    data = make_data(shape, config_seed(MEMORY_CONFIG))
-    if method == "original":
-        module = load_original(original_path)
-        sess, train, fetches, _ = build_original_graph(module, shape, data)
-
-        def step():
-            sess.run(fetches["train_fwd_bwd"], {train: True})
-
-        return step, sess.close
-    import tensorflow as tf
-
-    if method == "oracle":
-        fns, _ = oracle_functions(shape, data)
-        arg = tf.constant(data["oracle_x"])
-    else:
-        layer = build_ours(shape, data,
-                           "sparse" if method == "sparse" else "capacity")
-        fns = ours_functions(layer, jit_compile=method == "capacity_xla")
-        arg = tf.constant(data["x"])
-    fn = fns["train_fwd_bwd"]
-    fn.get_concrete_function(arg)  # traced (and compiled) before the steps
-
-    def step():
-        fn(arg)
-
-    return step, None
-
-
-def memory_child(methods, shape, original_path):
-    """Peak memory of one forward + backward step of each method, in turn
-    (MB): the peak-RSS mark is reset before a step and `ru_maxrss` after it
-    minus the RSS before it is the step's peak; the first step (which also
-    allocates one-time state) and a second one are measured."""
-    try:  # pin glibc's mmap threshold: freed big tensors leave the RSS
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-    results = {}
-    for method in methods:
-        try:
-            step, close = _memory_step(method, shape, original_path)
-            gc.collect()
-            reset = _reset_peak()
-            rss0, max0 = _rss_kib(), _maxrss_kib()
-            step()
-            cold = _maxrss_kib() - (rss0 if reset else max0)
-            gc.collect()
-            if reset:
-                _reset_peak()
-                rss1 = _rss_kib()
-                step()
-                peak = _maxrss_kib() - rss1
-                how = ("second step: ru_maxrss after - RSS before, peak mark "
-                       "reset (/proc/self/clear_refs)")
-            else:
-                peak = cold
-                how = "first step: ru_maxrss delta (peak mark not resettable)"
-            results[method] = {
-                "peak_delta_mb": peak / 1024.0,
-                "first_step_delta_mb": cold / 1024.0,
-                "rss_before_mb": rss0 / 1024.0, "how": how}
-            if close is not None:
-                close()
-            del step
-            gc.collect()
-        except Exception as e:
-            results[method] = {"peak_delta_mb": None,
-                               "error": "%s: %s" % (type(e).__name__, e)}
-    return results
-
-
-def fork_memory_child(methods, shape, original_path):
-    """Forks a process running memory_child; returns (pid, read end)."""
-    r, w = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            res = memory_child(methods, shape, original_path)
-        except BaseException as e:
-            res = {m: {"peak_delta_mb": None,
-                       "error": "%s: %s" % (type(e).__name__, e)}
-                   for m in methods}
-        with os.fdopen(w, "w") as f:
-            f.write(json.dumps(res))
-        sys.stderr.flush()
-        os._exit(0)
-    os.close(w)
-    return pid, r, methods
-
-
-def join_memory_child(handle):
-    pid, r, methods = handle
-    with os.fdopen(r) as f:
-        text = f.read()
-    _, status = os.waitpid(pid, 0)
-    try:
-        return json.loads(text)
-    except ValueError:
-        return {m: {"peak_delta_mb": None,
-                    "error": "child exited with status %d" % status}
-                for m in methods}
-
-
-def memory_methods(original_path):
-    return [m for m in MEMORY_METHODS
-            if m != "original" or original_path is not None]
-
-
-def memory_results(results, shape, original_path):
-    if original_path is None:
-        results["original"] = {"peak_delta_mb": None,
-                               "error": "original not found: skipped"}
-    oracle_mb = results.get("oracle", {}).get("peak_delta_mb")
-    ratios = {m: (results[m]["peak_delta_mb"] / oracle_mb
-                  if results[m].get("peak_delta_mb") is not None
-                  and oracle_mb else None)
-              for m in MEMORY_METHODS}
-    return {"config": MEMORY_CONFIG, "shape": shape,
-            "methods": {m: results[m] for m in MEMORY_METHODS},
-            "ratio_vs_oracle": ratios}
-
-
-# ---------------------------------------------------------------------------
-# Per-op profile (--profile).
-# ---------------------------------------------------------------------------
-
-
-def _profile_ours(name, shape, method, mode, calls):
-    """(wall s/call unprofiled, profiled, [(op name, op type, seconds)])
-    of one of our methods, from the TensorFlow profiler's trace: the op
-    kernels on the executor's threads."""
-    import glob
-    import shutil
-    import tempfile
-
-    import tensorflow as tf
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-
-    data = make_data(shape, config_seed(name))
-    layer = build_ours(shape, data,
-                       "sparse" if method == "sparse" else "capacity")
-    fn = ours_functions(layer, jit_compile=method == "capacity_xla")[mode]
-    x = tf.constant(data["x"])
-    del data
-    for _ in range(3):
-        fn(x)
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn(x)
-    unprofiled = (time.perf_counter() - t) / calls
-    logdir = tempfile.mkdtemp(prefix="bench_moe_profile_")
-    try:
-        tf.profiler.experimental.start(logdir)
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn(x)
-        profiled = (time.perf_counter() - t) / calls
-        tf.profiler.experimental.stop()
-        path = sorted(glob.glob(os.path.join(
-            logdir, "plugins", "profile", "*", "*.xplane.pb")))[-1]
-        space = xplane_pb2.XSpace()
-        with open(path, "rb") as f:
-            space.ParseFromString(f.read())
-    finally:
-        shutil.rmtree(logdir, ignore_errors=True)
-    events = []
-    for plane in space.planes:
-        if plane.name != "/host:CPU":
-            continue
-        meta = plane.event_metadata
-        for line in plane.lines:
-            if line.name == "python":
-                continue
-            for ev in line.events:
-                op = meta[ev.metadata_id].name
-                if ":" not in op or "::" in op:
-                    continue  # executor bookkeeping, not an op kernel
-                op_name, op_type = op.rsplit(":", 1)
-                if op_name.startswith("gradient_tape/"):
-                    op_name = "gradients/" + op_name[len("gradient_tape/"):]
-                events.append((op_name, op_type, ev.duration_ps * 1e-12))
-    return unprofiled, profiled, events
-
-
-def _profile_original(name, shape, mode, calls, original_path):
-    """The same for the original, from its Session's step stats
-    (RunOptions.FULL_TRACE)."""
-    import tensorflow as tf
-
-    v1 = tf.compat.v1
-    module = load_original(original_path)
-    data = make_data(shape, config_seed(name))
-    sess, train, fetches, _ = build_original_graph(module, shape, data)
-    del data
-    feed = {train: mode != "infer_fwd"}
-    fetch = fetches[mode]
-    for _ in range(3):
-        sess.run(fetch, feed)
-    t = time.perf_counter()
-    for _ in range(calls):
-        sess.run(fetch, feed)
-    unprofiled = (time.perf_counter() - t) / calls
-    types = {op.name: op.type for op in sess.graph.get_operations()}
-    options = v1.RunOptions(trace_level=v1.RunOptions.FULL_TRACE)
-    events = []
-    t = time.perf_counter()
-    for _ in range(calls):
-        metadata = v1.RunMetadata()
-        sess.run(fetch, feed, options=options, run_metadata=metadata)
-        for dev in metadata.step_stats.dev_stats:
-            for node in dev.node_stats:
-                op_name = node.node_name.split(":")[0]
-                if op_name not in types:
-                    continue  # _SOURCE and the like
-                events.append((op_name, types[op_name],
-                               node.all_end_rel_micros * 1e-6))
-    profiled = (time.perf_counter() - t) / calls
-    sess.close()
-    return unprofiled, profiled, events
-
-
-def profile(name, shape, method, mode, calls, top, original_path=None):
-    """Per-op profile of `calls` calls of `method` (ours, or "original"):
-    op time by op type and by name scope (the first levels of the op's
-    name; "bwd" for gradient ops). Returns a dict; `format_profile` prints
-    it."""
-    if method == "original":
-        if original_path is None:
-            raise SystemExit("--profile ...:original: the original was not "
-                             "found (pass --original PATH)")
-        unprofiled, profiled, events = _profile_original(
-            name, shape, mode, calls, original_path)
-    else:
-        unprofiled, profiled, events = _profile_ours(name, shape, method,
-                                                     mode, calls)
-    by_type = collections.defaultdict(lambda: [0.0, 0])
-    by_scope = collections.defaultdict(lambda: [0.0, 0])
-    total = 0.0
-    for op_name, op_type, seconds in events:
-        parts = op_name.split("/")
-        direction = "fwd"
-        if parts[0] == "gradients":
-            direction, parts = "bwd", parts[1:]
-        depth = 3 if len(parts) > 3 else len(parts) - 1
-        scope = "/".join(re.sub(r"_\d+", "", q) for q in parts[:depth])
-        key = direction + " " + (scope or "(top)")
-        by_type[op_type][0] += seconds
-        by_type[op_type][1] += 1
-        by_scope[key][0] += seconds
-        by_scope[key][1] += 1
-        total += seconds
-
-    def table(d):
-        rows = sorted(d.items(), key=lambda kv: -kv[1][0])[:top]
-        return [{"name": k, "ms_per_call": v[0] / calls * 1e3,
-                 "ops_per_call": v[1] / calls,
-                 "share": v[0] / total if total else None} for k, v in rows]
-
-    return {"config": name, "shape": shape, "method": method, "mode": mode,
-            "calls": calls, "wall_ms_per_call": unprofiled * 1e3,
-            "profiled_wall_ms_per_call": profiled * 1e3,
-            "op_ms_per_call": total / calls * 1e3,
-            "ops_per_call": len(events) / calls,
-            "by_type": table(by_type), "by_scope": table(by_scope)}
-
-
-def format_profile(p):
-    s = p["shape"]
-    lines = ["## Profile: %s %s, %s (tokens %d, d %d, hidden %d, experts %d, "
-             "k %d)" % (p["method"], MODE_LABELS[p["mode"]], p["config"],
-                        s["tokens"], s["d"], s["hidden"], s["experts"],
-                        s["k"]), "",
-             "Wall %.2f ms per call (%.2f ms while profiled); op kernels "
-             "%.2f ms per call summed over threads, %.0f ops per call." % (
-                 p["wall_ms_per_call"], p["profiled_wall_ms_per_call"],
-                 p["op_ms_per_call"], p["ops_per_call"])]
-    for key, title in (("by_type", "op type"), ("by_scope", "scope")):
-        lines += ["", "| %s | ms/call | ops/call | share |" % title,
-                  "|---|---|---|---|"]
-        for r in p[key]:
-            lines.append("| %s | %.3f | %.0f | %.1f%% |" % (
-                r["name"], r["ms_per_call"], r["ops_per_call"],
-                100 * (r["share"] or 0)))
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------
 # Main.
 # ---------------------------------------------------------------------------
 
@@ -750,12 +440,6 @@ def main(argv=None):
     log("load average after: %s; total %.0f s" % (meta["load_after"],
                                                    meta["wall_s"]))
     return 0
-
-
-def log_memory(mem):
-    log("memory done: " + ", ".join(
-        "%s %s MB" % (m, fmt_r(r.get("peak_delta_mb"), 1))
-        for m, r in mem["methods"].items()))
 
 
 def _json_default(o):
