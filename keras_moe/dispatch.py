@@ -4,7 +4,7 @@ only to the experts whose gate for it is positive."""
 import numpy as np
 import tensorflow as tf
 
-from keras_moe import validation
+from keras_moe import validation, xla
 
 
 class SparseDispatcher:
@@ -18,7 +18,9 @@ class SparseDispatcher:
 
     Args:
         num_experts: int >= 1.
-        gates: a float tensor `[batch, num_experts]`.
+        gates: a float tensor `[batch, num_experts]`, finite (NaN or
+            infinity is an error); a row goes to the experts whose gate
+            is > 0.
 
     Example:
 
@@ -168,8 +170,9 @@ class CapacityDispatcher:
 
     Args:
         num_experts: int >= 1.
-        gates: a float tensor `[batch, num_experts]`; each row goes to
-            (at most) its `k` largest positive gates, the rest are ignored.
+        gates: a float tensor `[batch, num_experts]`, finite (NaN or
+            infinity is an error); each row goes to (at most) its `k`
+            largest positive gates, the rest are ignored.
         k: int, the most experts a row uses.
         capacity: int (or scalar int tensor) >= 1, slots per expert.
 
@@ -223,6 +226,12 @@ class CapacityDispatcher:
             tf.where(kept, row_ids, 0),
             [self._num_slots + 1],
         )[: self._num_slots]
+        # Under XLA the check of `gates` does not run: a row with a NaN or
+        # infinite gate combines to NaN instead of a finite wrong answer.
+        self._bad_rows = (
+            ~tf.reduce_all(tf.math.is_finite(gates), 1)
+            if xla.maybe_tracing_for_xla() else None
+        )
         num_active = tf.reduce_sum(tf.cast(active, tf.float32))
         num_dropped = num_active - tf.reduce_sum(tf.cast(kept, tf.float32))
         self._dropped_fraction = num_dropped / tf.maximum(num_active, 1.0)
@@ -290,7 +299,17 @@ class CapacityDispatcher:
             gates, tf.concat([tf.shape(gates),
                               tf.ones([gathered.shape.rank - 2], tf.int32)], 0)
         )
-        return tf.reduce_sum(gathered * gates, axis=1)
+        combined = tf.reduce_sum(gathered * gates, axis=1)
+        if self._bad_rows is not None:
+            bad = tf.reshape(
+                self._bad_rows,
+                tf.concat([tf.shape(self._bad_rows),
+                           tf.ones([combined.shape.rank - 1], tf.int32)], 0),
+            )
+            combined = tf.where(
+                bad, tf.constant(float("nan"), combined.dtype), combined
+            )
+        return combined
 
 
 def _check_rows(name, values, rows, what):
@@ -358,4 +377,6 @@ def _check_gates(num_experts, gates):
             f"`gates` must have shape [batch, num_experts={num_experts}]. "
             f"Received: gates.shape={gates.shape}"
         )
-    return num_experts, gates
+    # A NaN gate is neither > 0 nor not: it would route its row nowhere
+    # without a word (and an infinite one make its output infinite).
+    return num_experts, validation.check_finite("gates", gates)

@@ -139,6 +139,13 @@ class NoisyTopKGating(keras.layers.Layer):
             x = tf.where(tf.expand_dims(mask, 1), x, 0.0)
         x = validation.check_finite("inputs", x)
         clean_logits = tf.matmul(x, tf.cast(self.gate_kernel, tf.float32))
+        # A finite token can still overflow the logits; its gates would be
+        # NaN, and the dispatch would route it nowhere without a word.
+        clean_logits = validation.check_finite_rows(
+            "inputs", clean_logits, x,
+            "gives gate logits (inputs @ gate_kernel) that overflow "
+            "float32: a token's values are too large for the gate kernel.",
+        )
         noisy = self.noisy_gating and bool(training)
         if noisy:
             noise_stddev = (
@@ -160,7 +167,13 @@ class NoisyTopKGating(keras.layers.Layer):
                 if mask is not None:
                     noise = tf.where(tf.expand_dims(mask, 1), noise, 0.0)
                 noise = validation.check_finite("noise", noise)
-            logits = clean_logits + noise * noise_stddev
+            logits = validation.check_finite_rows(
+                "inputs", clean_logits + noise * noise_stddev, x,
+                "gives noisy gate logits (inputs @ gate_kernel + noise * "
+                "softplus(inputs @ noise_kernel)) that overflow float32: "
+                "a token's values (or its `noise`) are too large for the "
+                "gate and noise kernels.",
+            )
         else:
             # The original multiplies the stddev by `train`, so in inference
             # the noise is exactly zero: skip the draw and the noise matmul.
@@ -235,10 +248,13 @@ class NoisyTopKGating(keras.layers.Layer):
 def top_k_by_argmax(x, k):
     """The original `_MyTopK`: the top `k` values and indices of each row.
 
-    For `k <= 10` it takes `k` successive argmaxes, knocking each winner out
-    with -1e9, exactly as the original (ties go to the lower index, and the
-    gradient of a tied maximum is shared as `reduce_max` shares it). For
-    larger `k` it is `tf.math.top_k`.
+    For `k <= 10` it takes `k` successive argmaxes, knocking each winner out,
+    as the original (ties go to the lower index, and the gradient of a tied
+    maximum is shared as `reduce_max` shares it). The original added -1e9 to
+    a winner, which leaves a value above about 1e16 (or below -1e9 of the
+    others) a winner again, and picks one expert twice; here a winner
+    becomes -inf, the same for every other input. For larger `k` it is
+    `tf.math.top_k`.
 
     Args:
         x: a float tensor `[rows, n]`.
@@ -253,12 +269,16 @@ def top_k_by_argmax(x, k):
     values = []
     indices = []
     depth = tf.shape(x)[1]
+    minus_inf = tf.constant(float("-inf"), x.dtype)
     for i in range(k):
         values.append(tf.reduce_max(x, 1))
         argmax = tf.argmax(x, 1, output_type=tf.int32)
         indices.append(argmax)
         if i + 1 < k:
-            x += tf.one_hot(argmax, depth, -1e9, dtype=x.dtype)
+            x = tf.where(
+                tf.one_hot(argmax, depth, True, False, dtype=tf.bool),
+                minus_inf, x,
+            )
     return tf.stack(values, axis=1), tf.stack(indices, axis=1)
 
 

@@ -278,10 +278,12 @@ class _SparseMixtureBase(keras.layers.Layer):
             # XLA drops the assertion ops that reject bad input: a token
             # with one gets NaN outputs instead of a finite wrong answer.
             used_noise = noise if training and self._noisy() else None
+            # A finite token whose gate logits overflow has NaN gates.
+            finite_gates = tf.reduce_all(tf.math.is_finite(routed.gates()), 1)
             flat_outputs = tf.where(
-                self._valid_tokens(
+                (self._valid_tokens(
                     x, gate_x, multiplier, used_noise, token_mask
-                )[:, None],
+                ) & finite_gates)[:, None],
                 flat_outputs,
                 tf.constant(float("nan"), flat_outputs.dtype),
             )

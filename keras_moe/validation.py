@@ -117,6 +117,26 @@ def check_finite(name, x):
     return tf.debugging.assert_all_finite(x, message)
 
 
+def check_finite_rows(name, values, rows, what):
+    """Raises if a row of `values`, computed from the same row of `rows`
+    (the argument `name`), holds NaN or infinity: `rows` is finite (checked
+    before) but too large for what `values` computes from it. The message
+    is `` `name` `` followed by `what`; eagerly it is a `ValueError` that
+    shows the first offending row, in a graph an assertion op.
+    """
+    message = f"`{name}` {what}"
+    if tf.executing_eagerly():
+        bad = tf.where(~tf.reduce_all(tf.math.is_finite(values), 1))[:, 0]
+        if int(tf.size(bad)):
+            first = int(bad[0])
+            raise ValueError(
+                message + f" Received: {int(tf.size(bad))} such row(s), "
+                f"the first {name}[{first}]={rows[first].numpy()}"
+            )
+        return values
+    return tf.debugging.assert_all_finite(values, message)
+
+
 def check_finite_non_negative(name, x):
     """Raises if `x` holds NaN, infinity or a negative value; errors as
     `check_finite`'s."""

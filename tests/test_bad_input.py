@@ -199,3 +199,77 @@ def test_non_tensorflow_backend_fails_at_import(tmp_path):
     assert result.returncode != 0
     assert "ImportError" in result.stderr
     assert "TensorFlow backend" in result.stderr and "'numpy'" in result.stderr
+
+
+# --------------------------------------------------------------------------
+# Finite inputs whose gate logits overflow; NaN gates.
+# --------------------------------------------------------------------------
+
+
+def _overflowing_inputs():
+    x = np.ones((4, 4), "float32")
+    x[2] = 1e38  # finite, but 4e38 overflows float32
+    return x
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: keras_moe.MixtureOfExperts(4, k=1, gate_initializer="ones"),
+        lambda: keras_moe.MixtureOfExperts(4, k=1, gate_initializer="ones",
+                                           dispatch="capacity"),
+        lambda: keras_moe.HierarchicalMixtureOfExperts(
+            2, 2, k=1, group_k=1, gate_initializer="ones"),
+    ],
+    ids=["sparse", "capacity", "hierarchical"],
+)
+@pytest.mark.parametrize("training", [False, True])
+def test_overflowing_gate_logits_are_refused(make, training):
+    """The token used to get NaN gates, zero outputs and a NaN aux_loss
+    without a word."""
+    layer = make()
+    with pytest.raises(ValueError, match=r"`inputs`.*overflow.*inputs\[2\]"):
+        layer(_overflowing_inputs(), training=training)
+
+
+def test_overflowing_gate_logits_under_xla_give_nan_outputs():
+    """XLA drops the assertion: the token's outputs are NaN (as for any bad
+    input), the others' are what they are without it."""
+    layer = keras_moe.MixtureOfExperts(4, k=1, gate_initializer="ones",
+                                       dispatch="capacity",
+                                       eval_capacity_factor=4.0)
+    layer.build((None, 4))
+    x = _overflowing_inputs()
+    y = tf.function(layer, jit_compile=True)(tf.constant(x)).numpy()
+    assert np.isnan(y[2]).all()
+    expected = layer(np.delete(x, 2, axis=0)).numpy()
+    np.testing.assert_array_equal(np.delete(y, 2, axis=0), expected)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize(
+    "make",
+    [lambda g: keras_moe.SparseDispatcher(2, g),
+     lambda g: keras_moe.CapacityDispatcher(2, g, k=1, capacity=2)],
+    ids=["sparse", "capacity"],
+)
+def test_dispatchers_refuse_non_finite_gates(make, value):
+    """A NaN gate is not > 0: its row was counted as routed nowhere."""
+    gates = np.array([[value, 0.5], [1.0, 0.0]], "float32")
+    with pytest.raises(ValueError, match="`gates` contains NaN"):
+        make(gates)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="`gates`"):
+        tf.function(lambda g: make(g).part_sizes)(tf.constant(gates))
+
+
+def test_capacity_dispatcher_under_xla_combines_non_finite_gates_to_nan():
+    gates = tf.constant([[np.nan, 0.5], [1.0, 0.0]])
+
+    @tf.function(jit_compile=True)
+    def run(gates):
+        dispatcher = keras_moe.CapacityDispatcher(2, gates, k=1, capacity=2)
+        return dispatcher.combine(tf.ones([2, 2, 3]))
+
+    out = run(gates).numpy()
+    assert np.isnan(out[0]).all()
+    np.testing.assert_array_equal(out[1], np.ones(3))

@@ -194,3 +194,54 @@ def test_seeded_initializer_gives_gate_and_noise_kernels_their_own_values():
     again.build((None, 3))
     np.testing.assert_array_equal(gating.noise_kernel.numpy(),
                                   again.noise_kernel.numpy())
+
+
+# --------------------------------------------------------------------------
+# Finite inputs too large for the kernels.
+# --------------------------------------------------------------------------
+
+
+def _ones_gating(noisy, k=1):
+    gating = keras_moe.NoisyTopKGating(4, k=k, noisy_gating=noisy,
+                                       kernel_initializer="ones")
+    gating.build((None, 4))
+    return gating
+
+
+@pytest.mark.parametrize("noisy, training", [(False, False), (True, False),
+                                             (True, True)])
+def test_finite_inputs_whose_logits_overflow_are_refused(noisy, training):
+    """1e38 in 4 features is finite, but its logits are not: a NaN gate
+    would route the token nowhere, silently."""
+    gating = _ones_gating(noisy)
+    x = np.ones((3, 4), "float32")
+    x[1] = 1e38
+    with pytest.raises(ValueError, match=r"`inputs`.*overflow.*inputs\[1\]"):
+        gating(x, training=training)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="`inputs`.*overflow"):
+        tf.function(lambda x: gating(x, training=training))(tf.constant(x))
+    # Masked, the token is never read.
+    gates, _ = gating(x, training=training, mask=np.array([1, 0, 1], bool))
+    np.testing.assert_array_equal(gates.numpy()[1], np.zeros(4))
+
+
+def test_noise_that_overflows_the_noisy_logits_is_refused():
+    gating = _ones_gating(True)
+    x = np.ones((2, 4), "float32")
+    noise = np.zeros((2, 4), "float32")
+    noise[0, 2] = 3e38
+    with pytest.raises(ValueError, match=r"noisy gate logits.*inputs\[0\]"):
+        gating(x, training=True, noise=noise)
+
+
+@pytest.mark.parametrize("scale", [1e20, -1e12])
+def test_top_k_by_argmax_large_values_are_k_distinct(scale):
+    """The original knocked a winner out with -1e9, which leaves a value
+    above ~1e16 (or 1e9 below the others) the winner again: one expert
+    chosen twice, and the thresholds of the load estimate wrong."""
+    x = tf.constant([[1.0, 0.5, 0.25, 0.75]]) * scale
+    values, indices = top_k_by_argmax(x, 3)
+    expected_values, expected_indices = tf.math.top_k(x, 3)
+    np.testing.assert_array_equal(indices, expected_indices)
+    np.testing.assert_array_equal(values, expected_values)
