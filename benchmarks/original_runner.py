@@ -21,7 +21,8 @@ from configs import LOSS_COEF, THREADS, make_data
 
 def _harness():
     """tests/oracle.py, the reference harness that loads and builds the
-    original (imported here only)."""
+    original (imported here only; bench_moe.py puts the repository root on
+    sys.path)."""
     from tests import oracle
 
     return oracle
@@ -40,7 +41,7 @@ def load_original(path):
 
 def build_original_graph(module, shape, data):
     """The original LocalMixtureOfExperts on `data` in a new v1 graph and
-    Session. Returns (session, train placeholder, fetches by mode, y)."""
+    Session. Returns (session, train placeholder, fetches by mode, sum |y|)."""
     import tensorflow as tf
     from tensorflow.core.protobuf import rewriter_config_pb2
 
