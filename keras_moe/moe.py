@@ -28,6 +28,15 @@ Routed = collections.namedtuple(
 )
 
 
+def _in_replica_thread():
+    """Whether this code runs in a replica function of a `tf.distribute`
+    strategy (the threads MirroredStrategy runs its replicas in)."""
+    return (
+        tf.distribute.has_strategy()
+        and not tf.distribute.in_cross_replica_context()
+    )
+
+
 class _SparseMixtureBase(keras.layers.Layer):
     """What every sparse MoE layer shares: flattening inputs of any rank,
     masks, side-input checks, the balancing loss and the routing report.
@@ -77,10 +86,15 @@ class _SparseMixtureBase(keras.layers.Layer):
     # Keras keeps `add_loss` terms in one list per layer. Under
     # MirroredStrategy the replicas run `call` in parallel threads and
     # pause inside it (the cross-replica all-reduce, metric updates), so
-    # one replica would clear or read another's losses: keep one list per
-    # thread.
+    # one replica would clear or read another's losses: inside a replica
+    # function of a strategy (`strategy.run`, `fit` under a strategy), the
+    # list is per thread. Anywhere else it is the one list of the layer, as
+    # for Keras's own layers: a loss added in one thread shows in
+    # `layer.losses` in every other.
     @property
     def _losses(self):
+        if not _in_replica_thread():
+            return self.__dict__.setdefault("_shared_losses", [])
         local = self.__dict__.setdefault("_thread_losses", threading.local())
         if not hasattr(local, "losses"):
             local.losses = []
@@ -88,6 +102,9 @@ class _SparseMixtureBase(keras.layers.Layer):
 
     @_losses.setter
     def _losses(self, value):
+        if not _in_replica_thread():
+            self.__dict__["_shared_losses"] = list(value)
+            return
         local = self.__dict__.setdefault("_thread_losses", threading.local())
         local.losses = list(value)
 

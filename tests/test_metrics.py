@@ -160,3 +160,58 @@ def test_a_fully_masked_batch_moves_no_metric():
         assert_close(float(metric.result()), before[metric.name],
                      ELEMENTWISE, what=metric.name)
     np.testing.assert_array_equal(layer.last_load.numpy(), load)
+
+
+# --------------------------------------------------------------------------
+# Which threads see the balancing loss.
+# --------------------------------------------------------------------------
+
+
+def test_a_loss_added_outside_a_strategy_shows_in_every_thread():
+    """As for Keras's own layers (an activity regularizer here)."""
+    import threading
+
+    moe = keras_moe.MixtureOfExperts(4, k=2)
+    dense = keras.layers.Dense(3, activity_regularizer="l2")
+    x, _ = _data()
+    thread = threading.Thread(target=lambda: (moe(x), dense(x)))
+    thread.start()
+    thread.join()
+    assert len(dense.losses) == 1
+    assert len(moe.losses) == 1
+    expected = moe(x, return_routing=True)[1]["aux_loss"]
+    assert_close(float(moe.losses[0]), float(expected), ELEMENTWISE,
+                 what="aux_loss")
+
+
+def test_each_replica_reads_its_own_loss():
+    """Inside `strategy.run` the replicas call the layer in parallel
+    threads, which meet at the all-reduce of the statistics, after both
+    cleared the losses of the previous call: each reads the one loss it
+    added, not the other's too."""
+    strategy = mirrored(2)
+    x, _ = _data()
+    with strategy.scope():
+        moe = keras_moe.MixtureOfExperts(
+            4, k=2, noisy_gating=False,
+            gate_initializer=keras.initializers.RandomNormal(seed=2))
+        moe.build((None, 6))
+    dataset = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(x).batch(16))
+
+    @tf.function
+    def step(batch):
+        def replica_fn(inputs):
+            moe(inputs)
+            return tf.stack([tf.cast(len(moe.losses), tf.float32),
+                             tf.add_n(moe.losses)])
+        return strategy.run(replica_fn, args=(batch,))
+
+    per_replica = strategy.experimental_local_results(
+        step(next(iter(dataset))))
+    # The balancing loss of the global batch, on every replica.
+    expected = float(moe(x, return_routing=True)[1]["aux_loss"])
+    for got in per_replica:
+        count, loss = got.numpy()
+        assert count == 1
+        assert_close(loss, expected, ELEMENTWISE, what="aux_loss")
