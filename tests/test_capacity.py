@@ -11,6 +11,7 @@ import tensorflow as tf
 import keras_moe
 from keras_moe import grouped_feed_forward
 from keras_moe.dispatch import CapacityDispatcher
+from numerics import ELEMENTWISE, FORWARD, GRADIENT, assert_close
 
 
 def test_hand_built_routing_drops_in_token_order():
@@ -25,20 +26,22 @@ def test_hand_built_routing_drops_in_token_order():
     np.testing.assert_array_equal(slabs, [[1, 2], [1, 4], [3, 0]])
     assert dispatcher.part_sizes.numpy().tolist() == [2, 2, 1]
     # 6 choices, 1 dropped (row 2 at expert 0).
-    np.testing.assert_allclose(dispatcher.dropped_fraction, 1 / 6)
+    assert_close(dispatcher.dropped_fraction, 1 / 6, ELEMENTWISE,
+                 what="dropped_fraction")
     experts, rows, pair_gates = dispatcher.routed_pairs()
     assert experts.numpy().tolist() == [0, 0, 1, 1, 2]
     assert rows.numpy().tolist() == [0, 1, 0, 3, 2]
-    np.testing.assert_allclose(pair_gates, [0.6, 1.0, 0.4, 1.0, 0.3])
+    # The gates themselves, gathered.
+    np.testing.assert_array_equal(
+        pair_gates, np.float32([0.6, 1.0, 0.4, 1.0, 0.3]))
     # Expert e multiplies by (e + 1): row 2 keeps only expert 2's share.
     combined = dispatcher.combine(
         dispatcher.dispatch(inputs) * tf.constant([1.0, 2.0, 3.0])[:, None,
                                                                   None]
     )
-    np.testing.assert_allclose(
-        combined[:, 0], [0.6 * 1 + 0.4 * 2, 2.0, 0.3 * 3 * 3, 2 * 4.0],
-        rtol=1e-6,
-    )
+    assert_close(combined[:, 0],
+                 np.array([0.6 * 1 + 0.4 * 2, 2.0, 0.3 * 3 * 3, 2 * 4.0]),
+                 ELEMENTWISE, what="combined")
 
 
 def test_only_the_k_chosen_experts_queue():
@@ -50,16 +53,16 @@ def test_only_the_k_chosen_experts_queue():
     np.testing.assert_array_equal(
         dispatcher.dispatch(inputs)[:, :, 0], [[1.0], [2.0]]
     )
-    np.testing.assert_allclose(dispatcher.dropped_fraction, 1 / 3)
+    assert_close(dispatcher.dropped_fraction, 1 / 3, ELEMENTWISE,
+                 what="dropped_fraction")
     # With room for all, the same as the sparse dispatch of the top-1 gates.
     roomy = CapacityDispatcher(2, gates, k=1, capacity=3)
     sparse = keras_moe.SparseDispatcher(
         2, tf.constant([[0.6, 0.0], [0.0, 1.0], [1.0, 0.0]])
     )
-    np.testing.assert_allclose(
-        roomy.combine(roomy.dispatch(inputs)),
-        sparse.combine(sparse.dispatch(inputs)),
-    )
+    assert_close(roomy.combine(roomy.dispatch(inputs)),
+                 sparse.combine(sparse.dispatch(inputs)), ELEMENTWISE,
+                 what="combined")
 
 
 @pytest.mark.parametrize("capacity, error, message", [
@@ -105,6 +108,45 @@ def _pair(**kwargs):
     return sparse, capacity
 
 
+def _pair_data(masked):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 8, 6)).astype("float32")
+    noise = rng.normal(size=(3, 8, 5)).astype("float32")
+    mask = rng.random((3, 8)) > 0.25 if masked else None
+    return x, noise, mask
+
+
+def _outputs_routing_and_gradients(layer, x, noise, mask, training):
+    with tf.GradientTape() as tape:
+        y, routing = layer(x, training=training, noise=noise, mask=mask,
+                           return_routing=True)
+        loss = tf.reduce_sum(y**2) + routing["aux_loss"]
+    grads = tape.gradient(loss, layer.trainable_variables)
+    # The variables' paths within the layer (its own name differs).
+    names = [v.path.split("/", 1)[1] for v in layer.trainable_variables]
+    return y, routing, dict(zip(names, grads))
+
+
+def _assert_capacity_equals_sparse(sparse_results, capacity_results):
+    """The capacity layer's outputs, routing and gradients are the sparse
+    layer's: exact where they are counts and indices, within the float32
+    rule (tests/numerics.py) where they are sums in another order."""
+    (y1, r1, g1), (y2, r2, g2) = sparse_results, capacity_results
+    assert_close(y2, y1, FORWARD, what="outputs")
+    assert float(r2["dropped_fraction"]) == 0.0
+    for key in ("part_sizes", "expert_index", "token_index"):
+        np.testing.assert_array_equal(r2[key], r1[key], err_msg=key)
+    for key in ("gates", "importance", "load", "aux_loss", "expert_gates"):
+        assert_close(r2[key], r1[key], FORWARD, what=key)
+    assert list(g2) == list(g1)
+    for name, a in g1.items():
+        b = g2[name]
+        if a is None:
+            assert b is None, name
+            continue
+        assert_close(b, a, GRADIENT, what=f"gradient of {name}")
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("slabs_as_groups", [True, False],
@@ -116,30 +158,35 @@ def test_equals_sparse_dispatch_when_nothing_is_dropped(
     monkeypatch.setattr(grouped_feed_forward, "_slabs_as_groups",
                         lambda: slabs_as_groups)
     sparse, capacity = _pair()
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(3, 8, 6)).astype("float32")
-    noise = rng.normal(size=(3, 8, 5)).astype("float32")
-    mask = rng.random((3, 8)) > 0.25 if masked else None
-    results = []
-    for layer in (sparse, capacity):
-        with tf.GradientTape() as tape:
-            y, routing = layer(x, training=training, noise=noise, mask=mask,
-                               return_routing=True)
-            loss = tf.reduce_sum(y**2) + routing["aux_loss"]
-        grads = tape.gradient(loss, layer.trainable_variables)
-        results.append((y, routing, grads))
-    (y1, r1, g1), (y2, r2, g2) = results
-    np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-6)
-    assert float(r2["dropped_fraction"]) == 0.0
-    for key in ("gates", "importance", "load", "aux_loss", "part_sizes",
-                "expert_index", "token_index", "expert_gates"):
-        np.testing.assert_allclose(r1[key], r2[key], rtol=1e-5, atol=1e-7)
-    for a, b in zip(g1, g2):
-        if a is None:
-            assert b is None
-            continue
-        np.testing.assert_allclose(a, b, rtol=1e-5,
-                                   atol=1e-5 * np.abs(a).max())
+    x, noise, mask = _pair_data(masked)
+    _assert_capacity_equals_sparse(
+        _outputs_routing_and_gradients(sparse, x, noise, mask, training),
+        _outputs_routing_and_gradients(capacity, x, noise, mask, training))
+
+
+@pytest.mark.parametrize("slabs_as_groups", [True, False],
+                         ids=["per_expert", "batched"])
+def test_capacity_equals_sparse_catches_one_expert_off_by_1e_3(
+        slabs_as_groups, monkeypatch):
+    # The comparison above is sharp: the smallest defect that matters, one
+    # expert's output kernel off by 1e-3 relative (here in the expert that
+    # receives the fewest tokens, so the defect touches as little as it
+    # can), fails it.
+    monkeypatch.setattr(grouped_feed_forward, "_slabs_as_groups",
+                        lambda: slabs_as_groups)
+    sparse, capacity = _pair()
+    x, noise, mask = _pair_data(masked=False)
+    expected = _outputs_routing_and_gradients(sparse, x, noise, mask, True)
+    part_sizes = np.asarray(expected[1]["part_sizes"])
+    expert = int(np.argmin(np.where(part_sizes > 0, part_sizes, 10**9)))
+    assert part_sizes[expert] > 0, part_sizes
+    kernel = capacity.experts.kernels[-1]
+    kernel.assign(tf.tensor_scatter_nd_update(
+        kernel, [[expert]], kernel[expert:expert + 1] * (1 + 1e-3)))
+    with pytest.raises(AssertionError, match="outputs"):
+        _assert_capacity_equals_sparse(
+            expected,
+            _outputs_routing_and_gradients(capacity, x, noise, mask, True))
 
 
 def test_small_capacity_drops_and_reports_it():
@@ -152,8 +199,8 @@ def test_small_capacity_drops_and_reports_it():
     # ceil(0.5 * 32 * 2 / 4) = 8 slots per expert, 64 choices.
     part_sizes = routing["part_sizes"].numpy()
     assert part_sizes.max() <= 8
-    np.testing.assert_allclose(routing["dropped_fraction"],
-                               1 - part_sizes.sum() / 64, rtol=1e-6)
+    assert_close(routing["dropped_fraction"], 1 - part_sizes.sum() / 64,
+                 ELEMENTWISE, what="dropped_fraction")
     assert float(routing["dropped_fraction"]) > 0
     # Every kept pair is exactly the first 8 wanting tokens of its expert.
     wanted = routing["gates"].numpy() > 0
@@ -194,7 +241,7 @@ def test_bad_input_under_xla_gives_nan_not_a_wrong_answer():
     np.testing.assert_array_equal(y[5], 0.0)  # masked: not read
     good = ~bad & mask
     expected = layer(x[good], gate_multiplier=multiplier[good])
-    np.testing.assert_allclose(y[good], expected, rtol=1e-5, atol=1e-6)
+    assert_close(y[good], expected, FORWARD, what="outputs under XLA")
     # Noise is read only while training, as outside XLA.
     noise = np.zeros((6, 4), "float32")
     noise[2, 0] = np.nan
@@ -251,8 +298,8 @@ def test_keras_and_saved_model_round_trips(tmp_path):
     export_dir = os.path.join(tmp_path, "exported")
     model.export(export_dir, verbose=False)
     reloaded = tf.saved_model.load(export_dir)
-    np.testing.assert_allclose(reloaded.serve(tf.constant(x)), expected,
-                               rtol=1e-6, atol=1e-6)
+    assert_close(reloaded.serve(tf.constant(x)), expected, FORWARD,
+                 what="exported outputs")
 
 
 @pytest.mark.parametrize(
