@@ -16,6 +16,12 @@ from keras_moe.grouped_feed_forward import (
     slab_feed_forward,
     slab_matmul,
 )
+from numerics import FORWARD, GRADIENT, UNIT, assert_close
+
+# float16: tolerance from its precision, not float32's. One float16
+# rounding (eps 9.8e-4) is 512 of numerics' UNIT (16 float32 eps), so a
+# float16 computation is compared at 512 times the float32 depth.
+FLOAT16_DEPTH_FACTOR = round(float(np.finfo(np.float16).eps) / UNIT)
 
 PART_SIZES = [
     [3, 0, 5, 1],
@@ -65,15 +71,17 @@ def _values_and_gradients(fn, x, kernels):
     return [y, *tape.gradient(loss, [x, *kernels])]
 
 
-def _assert_same(ours, reference, x, kernels, rtol=1e-5, atol=1e-5):
+def _assert_same(ours, reference, x, kernels, depth_factor=1):
+    """Outputs to FORWARD, gradients to GRADIENT (tests/numerics.py), each
+    times `depth_factor` (FLOAT16_DEPTH_FACTOR for float16)."""
     got = _values_and_gradients(ours, x, kernels)
     want = _values_and_gradients(reference, x, kernels)
     names = ["outputs", "d_x"] + [f"d_kernel_{i}" for i in range(len(kernels))]
     for name, g, w in zip(names, got, want):
         assert g.shape == w.shape, name
-        np.testing.assert_allclose(
-            tf.cast(g, tf.float32), w, rtol=rtol, atol=atol, err_msg=name
-        )
+        depth = FORWARD if name == "outputs" else GRADIENT
+        assert_close(tf.cast(g, tf.float32), tf.cast(w, tf.float32),
+                     depth * depth_factor, what=name)
 
 
 def _inputs(part_sizes, sizes, dtype="float32", seed=0):
@@ -130,7 +138,7 @@ def test_float16():
     _assert_same(
         lambda x, k: grouped_feed_forward(x, k, part_sizes, _relu_scaled),
         lambda x, k: _reference(x, k, part_sizes, _relu_scaled),
-        x, kernels, rtol=1e-2, atol=1e-2,
+        x, kernels, depth_factor=FLOAT16_DEPTH_FACTOR,
     )
 
 
@@ -221,7 +229,7 @@ def test_slabs_float16(slabs_as_groups):
     _assert_same(
         lambda x, k: slab_feed_forward(x, k, _relu_scaled),
         lambda x, k: _slab_reference(x, k, _relu_scaled),
-        x, kernels, rtol=1e-2, atol=1e-2,
+        x, kernels, depth_factor=FLOAT16_DEPTH_FACTOR,
     )
 
 

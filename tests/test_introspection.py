@@ -42,7 +42,8 @@ def test_tokens_and_gates_match_the_dense_gates(layer_index, masked):
     assert len(tokens) == layer.num_experts
     for e, (want_tokens, want_gates) in enumerate(_expected_assignments(gates)):
         np.testing.assert_array_equal(tokens[e], want_tokens)
-        np.testing.assert_allclose(expert_gates[e], want_gates, rtol=1e-6)
+        # The gates themselves, gathered.
+        np.testing.assert_array_equal(expert_gates[e], want_gates)
     if masked:
         routed = np.concatenate([t.numpy() for t in tokens])
         assert not np.isin(np.nonzero(~mask.reshape(-1))[0], routed).any()

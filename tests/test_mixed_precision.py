@@ -10,15 +10,21 @@ import numpy as np
 import pytest
 
 import keras_moe
+from numerics import FORWARD, UNIT, assert_close, closeness, tolerance
 
 POLICIES = [
     pytest.param("mixed_float16", "float16", id="mixed_float16"),
     pytest.param("mixed_bfloat16", "bfloat16", id="mixed_bfloat16"),
 ]
 
-# Relative error (in norm) allowed against the float32 layer: bfloat16
-# keeps 8 significant bits, float16 11.
-TOLERANCE = {"float16": 2e-3, "bfloat16": 2e-2}
+# The outputs against the float32 layer's, by the rule of tests/numerics.py
+# with the tolerance set by the compute dtype's precision, not float32's:
+# one rounding in float16 (eps 9.8e-4, 11 significant bits) is 512 of
+# numerics' UNIT (16 float32 eps), one in bfloat16 (eps 7.8e-3, 8 bits)
+# 4096; a forward pass rounds at FORWARD stages. (tol: 7.8e-3 and 6.3e-2
+# of the outputs' scale.)
+EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
+DEPTH = {dtype: FORWARD * round(eps / UNIT) for dtype, eps in EPS.items()}
 
 MOE_KWARGS = dict(num_experts=6, k=2, output_dim=5, hidden_sizes=(16,))
 
@@ -46,10 +52,9 @@ def _float32_and_mixed_layers(policy, use_global_policy, **overrides):
     return reference, layer, x
 
 
-def _relative_error(got, want):
-    got = np.asarray(got, np.float64)
-    want = np.asarray(want, np.float64)
-    return np.linalg.norm(got - want) / np.linalg.norm(want)
+def _assert_outputs_close(got, want, compute_dtype):
+    assert_close(got, want, DEPTH[compute_dtype],
+                 what=f"{compute_dtype} outputs vs float32")
 
 
 @pytest.mark.parametrize("use_global_policy", [False, True],
@@ -97,22 +102,19 @@ def test_matches_float32_layer(policy, compute_dtype, hidden_sizes):
     )
     want, want_routing = reference(x, return_routing=True)
     got, routing = layer(x, return_routing=True)
-    error = _relative_error(got, want)
-    assert error < TOLERANCE[compute_dtype], error
-    # Not identical either: the experts really ran in lower precision.
-    assert error > 0.0
+    _assert_outputs_close(got, want, compute_dtype)
+    # Not identical either: the experts really ran in lower precision,
+    # further from float32 than float32's own rounding would take them.
+    assert closeness(got, want) > tolerance(FORWARD), closeness(got, want)
 
     # Float32 gating on float32 inputs: the same routing, the same gates,
     # the same statistics as the float32 layer.
     want_gates = np.asarray(want_routing["gates"])
     gates = np.asarray(routing["gates"])
     np.testing.assert_array_equal(gates > 0, want_gates > 0)
-    np.testing.assert_allclose(gates, want_gates, rtol=1e-6, atol=1e-7)
+    assert_close(gates, want_gates, FORWARD, what="gates")
     for name in ("importance", "load", "aux_loss"):
-        np.testing.assert_allclose(
-            np.asarray(routing[name]), np.asarray(want_routing[name]),
-            rtol=1e-6, atol=1e-7, err_msg=name,
-        )
+        assert_close(routing[name], want_routing[name], FORWARD, what=name)
     np.testing.assert_array_equal(np.asarray(routing["part_sizes"]),
                                   np.asarray(want_routing["part_sizes"]))
 
@@ -126,13 +128,10 @@ def test_training_routing_matches_float32_with_same_noise(policy,
     want, want_routing = reference(x, training=True, noise=noise,
                                    return_routing=True)
     got, routing = layer(x, training=True, noise=noise, return_routing=True)
-    np.testing.assert_allclose(np.asarray(routing["gates"]),
-                               np.asarray(want_routing["gates"]),
-                               rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(routing["load"]),
-                               np.asarray(want_routing["load"]),
-                               rtol=1e-5, atol=1e-6)
-    assert _relative_error(got, want) < TOLERANCE[compute_dtype]
+    assert_close(routing["gates"], want_routing["gates"], FORWARD,
+                 what="gates")
+    assert_close(routing["load"], want_routing["load"], FORWARD, what="load")
+    _assert_outputs_close(got, want, compute_dtype)
 
 
 @pytest.mark.parametrize("policy, compute_dtype", POLICIES)
