@@ -3,6 +3,8 @@
 
 import tensorflow as tf
 
+from keras_moe import validation
+
 
 def cv_squared(x):
     """The squared coefficient of variation of a sample.
@@ -92,7 +94,7 @@ def gates_to_load(gates):
 
 
 def _as_float32(name, x):
-    x = tf.convert_to_tensor(x)
+    x = validation.to_tensor(name, x)
     if not (x.dtype.is_floating or x.dtype.is_integer) or x.dtype.is_bool:
         raise TypeError(
             f"`{name}` must be a real-valued tensor. Received: "

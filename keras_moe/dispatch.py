@@ -35,6 +35,11 @@ class SparseDispatcher:
     """
 
     def __init__(self, num_experts, gates):
+        xla.check_not_xla(
+            "SparseDispatcher",
+            "CapacityDispatcher has static shapes and does; or call this "
+            "one without `jit_compile=True`.",
+        )
         self._num_experts, gates = _check_gates(num_experts, gates)
         self._gates = gates
         # Sorted by expert, then by row: expert i's rows are contiguous.
@@ -112,8 +117,11 @@ class SparseDispatcher:
         stitched = _check_rows("stitched", stitched,
                                tf.size(self._nonzero_gates),
                                "one row per routed (row, expert) pair")
+        return self._combine("stitched", stitched, multiply_by_gates)
+
+    def _combine(self, name, stitched, multiply_by_gates):
         if multiply_by_gates:
-            _check_weighable("stitched", stitched)
+            _check_weighable(name, stitched)
             gates = tf.cast(self._nonzero_gates, stitched.dtype)
             # One gate per row, broadcast over the trailing axes.
             gates = tf.reshape(gates, [-1] + [1] * (stitched.shape.rank - 1))
@@ -127,19 +135,46 @@ class SparseDispatcher:
 
         Args:
             expert_out: a list of `num_experts` tensors
-                `[part_sizes[i], ...]`.
+                `[part_sizes[i], ...]`, with the same trailing shape and
+                dtype.
             multiply_by_gates: whether to weight each output by its gate.
 
         Returns:
             A tensor `[batch, ...]`.
         """
-        if len(expert_out) != self._num_experts:
-            raise ValueError(
-                f"`expert_out` must hold one tensor per expert "
-                f"({self._num_experts}). Received: {len(expert_out)} tensors"
+        if not isinstance(expert_out, (list, tuple)) or len(
+            expert_out
+        ) != self._num_experts:
+            count = (
+                f"{len(expert_out)} tensors"
+                if isinstance(expert_out, (list, tuple))
+                else f"expert_out of type {type(expert_out).__name__}"
             )
-        return self.combine_concatenated(
-            tf.concat(expert_out, 0), multiply_by_gates
+            raise ValueError(
+                f"`expert_out` must be a list of one tensor per expert "
+                f"({self._num_experts}). Received: {count}"
+            )
+        parts = []
+        for i, out in enumerate(expert_out):
+            name = f"expert_out[{i}]"
+            out = _check_rows(
+                name, validation.to_tensor(name, out), self._part_sizes[i],
+                f"one row per row expert {i} received (part_sizes[{i}])",
+            )
+            if parts and (
+                out.dtype != parts[0].dtype
+                or not out.shape[1:].is_compatible_with(parts[0].shape[1:])
+            ):
+                raise ValueError(
+                    f"Every `expert_out[i]` must have the dtype and trailing "
+                    f"shape of `expert_out[0]` ({parts[0].dtype.name}, "
+                    f"{tuple(parts[0].shape[1:])}). Received: "
+                    f"{name}.dtype={out.dtype.name}, "
+                    f"{name}.shape={tuple(out.shape)}"
+                )
+            parts.append(out)
+        return self._combine(
+            "expert_out", tf.concat(parts, 0), multiply_by_gates
         )
 
     def expert_to_gates(self):
@@ -273,7 +308,9 @@ class CapacityDispatcher:
     def dispatch(self, inp):
         """The experts' inputs, `[num_experts, capacity, ...]`; empty slots
         are zero."""
-        inp = tf.convert_to_tensor(inp)
+        inp = _check_rows("inp", validation.to_tensor("inp", inp),
+                          tf.shape(self._gates)[0],
+                          "one row per row of `gates`")
         # One zero row in front (also when `inp` has no rows).
         padded = tf.pad(inp, [[1, 0]] + [[0, 0]] * (inp.shape.rank - 1))
         expert_inputs = tf.gather(padded, self._slot_row)
@@ -283,10 +320,41 @@ class CapacityDispatcher:
                        tf.shape(inp)[1:]], 0),
         )
 
+    def _check_slabs(self, expert_out):
+        """`expert_out` checked to be `[num_experts, capacity, ...]`: static
+        sizes now, a capacity known only at run time by an assertion op."""
+        message = (
+            f"`expert_out` must have shape [num_experts, capacity, ...] = "
+            f"[{self._num_experts}, {_static_int(self._capacity)}, ...], "
+            f"one slab of `capacity` rows per expert"
+        )
+        shape = tuple(expert_out.shape)
+        capacity = _static_int(self._capacity)
+        if len(shape) < 2 or shape[0] not in (None, self._num_experts) or (
+            capacity is not None and shape[1] not in (None, capacity)
+        ):
+            raise ValueError(
+                f"{message}. Received: expert_out.shape={shape}"
+            )
+        if tf.executing_eagerly():
+            if int(tf.shape(expert_out)[1]) != int(self._capacity):
+                raise ValueError(
+                    f"{message}. Received: expert_out.shape={shape}"
+                )
+            return expert_out
+        with tf.control_dependencies([tf.debugging.assert_equal(
+            tf.shape(expert_out)[:2],
+            tf.stack([self._num_experts, self._capacity]),
+            message=message,
+        )]):
+            return tf.identity(expert_out)
+
     def combine(self, expert_out):
         """Gate-weighted sum per row of `expert_out [num_experts, capacity,
         ...]`; dropped choices add nothing."""
-        expert_out = tf.convert_to_tensor(expert_out)
+        expert_out = self._check_slabs(
+            validation.to_tensor("expert_out", expert_out)
+        )
         _check_weighable("expert_out", expert_out)
         flat = tf.reshape(
             expert_out,
@@ -315,7 +383,7 @@ class CapacityDispatcher:
 def _check_rows(name, values, rows, what):
     """`values` as a tensor whose first dimension is `rows` (a scalar int
     tensor): checked now when eager, by an assertion op in a graph."""
-    values = tf.convert_to_tensor(values)
+    values = validation.to_tensor(name, values)
     message = f"`{name}` must have {what}"
     if values.shape.rank == 0:
         raise ValueError(f"{message}. Received: {name}.shape=()")
@@ -340,6 +408,14 @@ def _check_weighable(name, values):
             f"`{name}` must be floating-point to be weighted by the gates. "
             f"Received: {name}.dtype={values.dtype.name}"
         )
+
+
+def _static_int(value):
+    """`value` as a Python int if it is known now, else None."""
+    if isinstance(value, int):
+        return value
+    static = tf.get_static_value(value)
+    return None if static is None else int(static)
 
 
 def _check_capacity(capacity):

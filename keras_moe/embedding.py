@@ -4,7 +4,7 @@
 import keras
 import tensorflow as tf
 
-from keras_moe import initialization, validation
+from keras_moe import initialization, validation, xla
 
 
 def shard_rows(input_dim, num_shards, shard):
@@ -28,7 +28,7 @@ def check_ids(name, ids, input_dim):
     assertion op that fails the step with an `InvalidArgumentError` carrying
     the same message.
     """
-    ids = tf.convert_to_tensor(ids)
+    ids = validation.to_tensor(name, ids)
     if not ids.dtype.is_integer:
         raise TypeError(
             f"`{name}` must be an integer tensor of ids (cast float ids "
@@ -219,6 +219,17 @@ class ShardedEmbedding(keras.layers.Layer):
                     ),
                 )
 
+    def __call__(self, inputs, *args, **kwargs):
+        # Ids of any shape, of unknown rank too: the table does not depend
+        # on them, but Keras reads their shape to build the layer.
+        shape = getattr(inputs, "shape", None)
+        if not self.built and isinstance(shape, tf.TensorShape) and (
+            shape.rank is None
+        ):
+            self.build()
+            self.built = True
+        return super().__call__(inputs, *args, **kwargs)
+
     @property
     def shards(self):
         """The `num_shards` shard variables (None before `build`)."""
@@ -234,6 +245,11 @@ class ShardedEmbedding(keras.layers.Layer):
     def lookup(self, ids):
         """The rows of `ids` (an integer tensor `[...]`), `[..., output_dim]`
         in the variables' dtype, without the range check of `call`."""
+        xla.check_not_xla(
+            "ShardedEmbedding's lookup (tf.unique, tf.dynamic_partition)",
+            "Call it without `jit_compile=True` (`keras.layers.Embedding` "
+            "compiles).",
+        )
         ids_shape = tf.shape(ids, out_type=ids.dtype)
         flat = tf.reshape(ids, [-1])
         unique_ids, unique_index = tf.unique(flat, out_idx=ids.dtype)
@@ -265,7 +281,7 @@ class ShardedEmbedding(keras.layers.Layer):
     def set_full_table(self, table):
         """Assigns the shards from a whole table `[input_dim, output_dim]`
         (rows in id order)."""
-        table = tf.convert_to_tensor(table)
+        table = validation.to_tensor("table", table)
         if tuple(table.shape) != (self.input_dim, self.output_dim):
             raise ValueError(
                 f"`table` must have shape (input_dim, output_dim) = "

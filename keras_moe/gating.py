@@ -121,6 +121,10 @@ class NoisyTopKGating(keras.layers.Layer):
         else:
             self.noise_kernel = None
 
+    def __call__(self, inputs, *args, **kwargs):
+        validation.check_known_rank("inputs", inputs)
+        return super().__call__(inputs, *args, **kwargs)
+
     @property
     def input_dim(self):
         return self.gate_kernel.shape[0] if self.built else None
@@ -131,7 +135,7 @@ class NoisyTopKGating(keras.layers.Layer):
         x = tf.cast(x, tf.float32)
         if mask is not None:
             mask = validation.check_leading_shape(
-                "mask", tf.cast(tf.convert_to_tensor(mask), tf.bool), x,
+                "mask", tf.cast(validation.to_tensor("mask", mask), tf.bool), x,
                 "inputs",
             )
             # Masked rows are never read: zeros keep NaN padding out of the

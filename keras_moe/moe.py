@@ -108,6 +108,10 @@ class _SparseMixtureBase(keras.layers.Layer):
         local = self.__dict__.setdefault("_thread_losses", threading.local())
         local.losses = list(value)
 
+    def __call__(self, inputs, *args, **kwargs):
+        validation.check_known_rank("inputs", inputs)
+        return super().__call__(inputs, *args, **kwargs)
+
     def load_own_variables(self, store):
         # Files written before `last_importance` and `last_load` existed
         # whatever `routing_metrics` hold none for a layer built with
@@ -226,8 +230,8 @@ class _SparseMixtureBase(keras.layers.Layer):
         token_mask = None
         if mask is not None:
             mask = validation.check_leading_shape(
-                "mask", tf.cast(tf.convert_to_tensor(mask), tf.bool), inputs,
-                "inputs",
+                "mask", tf.cast(validation.to_tensor("mask", mask), tf.bool),
+                inputs, "inputs",
             )
             token_mask = tf.reshape(mask, [-1])
             # Masked tokens are never read (padding may hold NaN): zeros keep
@@ -665,6 +669,10 @@ class MixtureOfExperts(_SparseMixtureBase):
                 gates=lambda: gates,
                 dropped_fraction=dispatcher.dropped_fraction,
             )
+        xla.check_not_xla(
+            'MixtureOfExperts with dispatch="sparse" (the default)',
+            'dispatch="capacity" has static shapes and does.',
+        )
         dispatcher = SparseDispatcher(self.num_experts, gates)
         expert_outputs = self.experts(
             tf.cast(dispatcher.dispatch_concatenated(x), self.compute_dtype),
@@ -920,6 +928,11 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             group.build((None, input_dim))
 
     def _route(self, x, gate_x, training, multiplier, noise, mask):
+        xla.check_not_xla(
+            "HierarchicalMixtureOfExperts (its sparse dispatch)",
+            "Call it without `jit_compile=True`; a flat MixtureOfExperts "
+            'with dispatch="capacity" compiles.',
+        )
         primary_noise, secondary_noise = (None, None) if noise is None else noise
         primary_gates, primary_smooth_load = self.primary_gating(
             gate_x, training=training, noise=primary_noise, mask=mask

@@ -139,7 +139,8 @@ class SampledSoftmaxLoss(keras.layers.Layer):
             true_expected_count [...] or [..., 1], sampled_expected_count
             [S])`, the output of a candidate sampler, used instead of a
             fresh draw in training (inference uses every class and ignores
-            it).
+            it). The expected counts must be finite and > 0 (the logits are
+            corrected by their log).
 
     Returns:
         The per-example loss, float32 `[...]` (sum it for the original's
@@ -262,6 +263,10 @@ class SampledSoftmaxLoss(keras.layers.Layer):
         if not self.embedding.built:
             self.embedding.build()
 
+    def __call__(self, features, *args, **kwargs):
+        validation.check_known_rank("features", features)
+        return super().__call__(features, *args, **kwargs)
+
     @property
     def input_dim(self):
         return self.embedding.output_dim if self.built else None
@@ -276,6 +281,19 @@ class SampledSoftmaxLoss(keras.layers.Layer):
             range_max=self.num_classes,
             seed=self.seed,
         )
+        if not isinstance(self.sampler, str):
+            # A custom sampler's counts are checked as given ones are.
+            true_expected = validation.check_finite_positive(
+                "sampler(...)[1] (true_expected_count)",
+                validation.check_float_tensor(
+                    "sampler(...)[1] (true_expected_count)", true_expected),
+            )
+            sampled_expected = validation.check_finite_positive(
+                "sampler(...)[2] (sampled_expected_count)",
+                validation.check_float_tensor(
+                    "sampler(...)[2] (sampled_expected_count)",
+                    sampled_expected),
+            )
         return sampled, tf.reshape(true_expected, [-1]), sampled_expected
 
     def _fixed_sample(self, sampled_values, target_classes):
@@ -315,6 +333,14 @@ class SampledSoftmaxLoss(keras.layers.Layer):
         sampled_expected = validation.check_leading_shape(
             "sampled_values[2]", sampled_expected,
             tf.expand_dims(sampled, -1), "sampled_values[0]",
+        )
+        # The logits are corrected by -log(expected count): a count of 0
+        # (or less, or NaN) would make the loss NaN or infinite.
+        true_expected = validation.check_finite_positive(
+            "sampled_values[1]", true_expected
+        )
+        sampled_expected = validation.check_finite_positive(
+            "sampled_values[2]", sampled_expected
         )
         return sampled, tf.reshape(true_expected, [-1]), sampled_expected
 

@@ -65,9 +65,32 @@ def check_sizes(name, value):
     return tuple(check_int(f"{name}[{i}]", v, 1) for i, v in enumerate(value))
 
 
+def to_tensor(name, x):
+    """Converts `x` to a dense tensor; a ragged or sparse tensor, or a value
+    TensorFlow cannot convert, is an error naming the argument."""
+    if isinstance(x, (tf.RaggedTensor, tf.SparseTensor)):
+        raise TypeError(
+            f"`{name}` must be a dense tensor; ragged and sparse tensors are "
+            f"not supported (pad it, e.g. with `.to_tensor()`, and pass a "
+            f"mask for the padding where the argument takes one). "
+            f"Received: {name} of type {type(x).__name__} with shape "
+            f"{x.shape}"
+        )
+    try:
+        return tf.convert_to_tensor(x)
+    except (TypeError, ValueError) as error:
+        text = repr(x)
+        if len(text) > 200:
+            text = text[:200] + "..."
+        raise type(error)(
+            f"`{name}` must be a tensor or a value convertible to one "
+            f"({error}). Received: {name}={text}"
+        ) from error
+
+
 def check_float_tensor(name, x):
     """Converts `x` to a tensor and checks that its dtype is floating."""
-    x = tf.convert_to_tensor(x)
+    x = to_tensor(name, x)
     if not x.dtype.is_floating:
         raise TypeError(
             f"`{name}` must be a floating-point tensor. Received: "
@@ -76,11 +99,28 @@ def check_float_tensor(name, x):
     return x
 
 
+def check_known_rank(name, x):
+    """Raises if `x` is a tensor of unknown rank (a `tf.function` traced
+    with `tf.TensorSpec(None)`): layers call it in `__call__`, where Keras
+    reads the shape to build the layer before `call` can check it."""
+    shape = getattr(x, "shape", None)
+    if isinstance(shape, tf.TensorShape) and shape.rank is None:
+        raise ValueError(
+            f"`{name}` must have a known rank (its last axis holds the "
+            f"features). Received: {name}.shape=<unknown rank>"
+        )
+
+
 def check_input_shape(name, shape, min_rank, max_rank=None, width=None):
     """Checks a (possibly partially known) shape: rank and last-axis width."""
-    shape = tuple(shape) if shape is not None else None
-    if shape is None:
-        raise ValueError(f"`{name}` must have a known rank. Received: None")
+    if shape is None or (
+        isinstance(shape, tf.TensorShape) and shape.rank is None
+    ):
+        raise ValueError(
+            f"`{name}` must have a known rank (its last axis holds the "
+            f"features). Received: {name}.shape=<unknown rank>"
+        )
+    shape = tuple(shape)
     rank = len(shape)
     if rank < min_rank or (max_rank is not None and rank > max_rank):
         want = (
@@ -152,11 +192,24 @@ def check_finite_non_negative(name, x):
     )
 
 
+def check_finite_positive(name, x):
+    """Raises if `x` holds NaN, infinity or a value <= 0; errors as
+    `check_finite`'s."""
+    message = f"`{name}` must be finite and > 0."
+    if tf.executing_eagerly():
+        if not bool(tf.reduce_all(tf.math.is_finite(x) & (x > 0))):
+            raise ValueError(message + f" Received: {name}={x}")
+        return x
+    return tf.debugging.assert_all_finite(
+        tf.where(x > 0, x, tf.constant(float("nan"), x.dtype)), message
+    )
+
+
 def check_part_sizes(part_sizes, num_parts, rows):
     """Returns `part_sizes` as an int32 tensor `[num_parts]` of sizes >= 0
     summing to `rows` (a scalar int tensor): static facts are checked now
     (`ValueError`/`TypeError`), the values eagerly or by assertion ops."""
-    part_sizes = tf.convert_to_tensor(part_sizes)
+    part_sizes = to_tensor("part_sizes", part_sizes)
     if not part_sizes.dtype.is_integer:
         raise TypeError(
             f"`part_sizes` must be an integer tensor. Received: "

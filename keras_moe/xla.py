@@ -29,3 +29,28 @@ def maybe_tracing_for_xla():
             tf.compat.v1.get_default_graph()
         )
     )
+
+
+def surely_tracing_for_xla():
+    """True only where TensorFlow says it is tracing a function for XLA:
+    for refusing, with a clear error, what does not compile (False where
+    that cannot be told, so nothing is refused by mistake).
+
+    Example:
+
+    >>> surely_tracing_for_xla()
+    False
+    """
+    return control_flow_util is not None and maybe_tracing_for_xla()
+
+
+def check_not_xla(what, instead):
+    """Raises a `ValueError` saying that `what` does not compile with XLA
+    (its shapes depend on the data) and what does (`instead`), when called
+    while a function is traced for XLA; TensorFlow's own error would be a
+    compile-time-constant error deep inside an op."""
+    if surely_tracing_for_xla():
+        raise ValueError(
+            f"{what} does not compile with XLA (`jit_compile=True`): its "
+            f"shapes depend on the data. {instead}"
+        )

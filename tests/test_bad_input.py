@@ -1,5 +1,7 @@
 """Bad arguments and inputs raise errors that name the argument and value."""
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -273,3 +275,161 @@ def test_capacity_dispatcher_under_xla_combines_non_finite_gates_to_nan():
     out = run(gates).numpy()
     assert np.isnan(out[0]).all()
     np.testing.assert_array_equal(out[1], np.ones(3))
+
+
+# --------------------------------------------------------------------------
+# Errors that name the argument, not a TensorFlow internal.
+# --------------------------------------------------------------------------
+
+
+def test_ragged_and_sparse_arguments(layer):
+    ragged = tf.ragged.constant([[[1.0] * 5], [[1.0] * 5] * 2], ragged_rank=1)
+    with pytest.raises(TypeError, match="`inputs` must be a dense tensor"):
+        layer(ragged)
+    x = np.ones((2, 5), "float32")
+    with pytest.raises(TypeError,
+                       match="`gate_multiplier` must be a dense tensor"):
+        layer(x, gate_multiplier=tf.sparse.from_dense([1.0, 1.0]))
+    with pytest.raises(TypeError, match="`mask` must be a dense tensor"):
+        layer(x, mask=tf.ragged.constant([[True], [True]]))
+
+
+def test_unknown_rank_inputs(layer):
+    for call in (layer, layer.gating):
+        with pytest.raises(ValueError,
+                           match=r"`inputs` must have a known rank.*"
+                                 r"inputs.shape=<unknown rank>"):
+            tf.function(lambda x: call(x),
+                        input_signature=[tf.TensorSpec(None)]
+                        ).get_concrete_function()
+
+
+def test_unknown_rank_inputs_at_first_call():
+    layer = keras_moe.MixtureOfExperts(4)
+    with pytest.raises(ValueError, match="`inputs` must have a known rank"):
+        tf.function(lambda x: layer(x), input_signature=[tf.TensorSpec(None)]
+                    ).get_concrete_function()
+
+
+GATES_3 = np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], "float32")
+
+
+def test_sparse_combine_names_expert_out():
+    dispatcher = keras_moe.SparseDispatcher(3, GATES_3)  # part_sizes 2, 1, 0
+    # Three rows in all, as many as routed, but not expert by expert: this
+    # used to combine rows with the wrong experts' gates, silently.
+    with pytest.raises(ValueError, match=r"expert_out\[0\].*\(2\).*"
+                                         r"expert_out\[0\].shape=\(1, 4\)"):
+        dispatcher.combine([np.ones((1, 4), "float32"),
+                            np.ones((2, 4), "float32"),
+                            np.ones((0, 4), "float32")])
+    with pytest.raises(ValueError, match=r"expert_out\[1\].shape=\(1, 5\)"):
+        dispatcher.combine([np.ones((2, 4), "float32"),
+                            np.ones((1, 5), "float32"),
+                            np.ones((0, 4), "float32")])
+    with pytest.raises(TypeError, match="expert_out.dtype=int32"):
+        dispatcher.combine([np.ones((2, 4), "int32"), np.ones((1, 4), "int32"),
+                            np.ones((0, 4), "int32")])
+
+    @tf.function
+    def run(first):
+        return dispatcher.combine([first, tf.ones([1, 4]), tf.ones([0, 4])])
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"expert_out\[0\]"):
+        run.get_concrete_function(tf.TensorSpec([None, 4]))(tf.ones([3, 4]))
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 4), (2, 3, 4), (4,)])
+def test_capacity_combine_checks_the_slabs(shape):
+    dispatcher = keras_moe.CapacityDispatcher(2, GATES_3[:, :2], k=2,
+                                              capacity=2)
+    with pytest.raises(ValueError, match=r"\[2, 2, \.\.\.\].*expert_out.shape="
+                                         + re.escape(str(shape))):
+        dispatcher.combine(np.ones(shape, "float32"))
+
+
+def test_capacity_combine_checks_a_dynamic_capacity():
+    @tf.function
+    def run(gates, expert_out):
+        capacity = tf.shape(gates)[0]
+        dispatcher = keras_moe.CapacityDispatcher(2, gates, k=2,
+                                                  capacity=capacity)
+        return dispatcher.combine(expert_out)
+
+    run = run.get_concrete_function(tf.TensorSpec([None, 2]),
+                                    tf.TensorSpec([2, None, 4]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="one slab"):
+        run(tf.constant(GATES_3[:, :2]), tf.ones([2, 3, 4]))
+
+
+def test_capacity_dispatch_checks_the_rows():
+    dispatcher = keras_moe.CapacityDispatcher(2, GATES_3[:, :2], k=2,
+                                              capacity=2)
+    with pytest.raises(ValueError, match=r"`inp`.*inp.shape=\(3, 4\)"):
+        dispatcher.dispatch(np.ones((3, 4), "float32"))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: keras_moe.MixtureOfExperts(4, k=2),
+         'dispatch="sparse".*does not compile with XLA.*dispatch="capacity"'),
+        (lambda: keras_moe.HierarchicalMixtureOfExperts(2, 2),
+         "HierarchicalMixtureOfExperts.*does not compile with XLA"),
+    ],
+    ids=["flat", "hierarchical"],
+)
+def test_sparse_dispatch_under_xla_says_so(make, message):
+    """Instead of a SplitV compile-time-constant error."""
+    layer = make()
+    with pytest.raises(ValueError, match=message):
+        tf.function(layer, jit_compile=True)(tf.ones([3, 5]))
+
+
+def test_sparse_dispatcher_under_xla_says_so():
+    @tf.function(jit_compile=True)
+    def run(gates):
+        return keras_moe.SparseDispatcher(3, gates).part_sizes
+
+    with pytest.raises(ValueError,
+                       match="SparseDispatcher does not compile with XLA.*"
+                             "CapacityDispatcher"):
+        run(tf.constant(GATES_3))
+
+
+def _routing():
+    layer = keras_moe.MixtureOfExperts(3, k=2,
+                                       gate_initializer="random_normal")
+    return layer(np.random.default_rng(0).normal(size=(4, 5)).astype(
+        "float32"), return_routing=True)[1]
+
+
+def test_expert_to_tokens_with_an_inconsistent_routing():
+    routing = _routing()
+    with pytest.raises(TypeError, match="routing of type list"):
+        keras_moe.expert_to_tokens([routing])
+    without = {k: v for k, v in routing.items() if k != "token_index"}
+    with pytest.raises(ValueError, match=r"without \['token_index'\]"):
+        keras_moe.expert_to_tokens(without)
+    more = dict(routing, part_sizes=routing["part_sizes"] + 1)
+    with pytest.raises(ValueError, match=r"inconsistent.*token_index"):
+        keras_moe.expert_to_tokens(more)
+    fewer = dict(routing, expert_gates=routing["expert_gates"][:-1])
+    with pytest.raises(ValueError, match=r"inconsistent.*expert_gates"):
+        keras_moe.expert_to_gates(fewer)
+    negative = dict(routing, part_sizes=tf.constant([-1, 5, 4]))
+    with pytest.raises(ValueError, match="inconsistent"):
+        keras_moe.expert_to_tokens(negative)
+    floats = dict(routing, part_sizes=tf.cast(routing["part_sizes"],
+                                              tf.float32))
+    with pytest.raises(TypeError, match="part_sizes'\\].dtype=float32"):
+        keras_moe.expert_to_tokens(floats)
+
+    @tf.function
+    def run(token_index):
+        return keras_moe.expert_to_tokens(dict(routing,
+                                               token_index=token_index))
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="inconsistent"):
+        run.get_concrete_function(tf.TensorSpec([None], tf.int64))(
+            routing["token_index"][:-1])

@@ -408,7 +408,27 @@ def test_non_integer_ids(ids):
         layer(ids)
 
 
+def test_ragged_ids():
+    layer = ShardedEmbedding(10, 3, 2)
+    with pytest.raises(TypeError, match="`inputs` must be a dense tensor"):
+        layer(tf.ragged.constant([[1], [2, 3]]))
+
+
+def test_xla_says_the_lookup_does_not_compile():
+    """Instead of a compile-time-constant error from inside tf.unique."""
+    layer = ShardedEmbedding(10, 3, 2)
+    with pytest.raises(ValueError, match="does not compile with XLA"):
+        tf.function(layer, jit_compile=True)(tf.constant([1, 2]))
+
+
 def test_set_full_table_shape():
     layer = ShardedEmbedding(10, 3, 2)
     with pytest.raises(ValueError, match=r"table.shape=\(9, 3\)"):
         layer.set_full_table(np.zeros((9, 3), np.float32))
+
+
+def test_ids_of_unknown_rank():
+    layer = ShardedEmbedding(10, 3, 2)
+    run = tf.function(layer, input_signature=[tf.TensorSpec(None, tf.int32)])
+    ids = np.array([[1, 7], [9, 0]], np.int32)
+    np.testing.assert_array_equal(run(ids).numpy(), layer(ids).numpy())

@@ -515,6 +515,51 @@ def test_bad_sampled_values():
               sampled_values=(np.array([1, 2]), q[:3], q[:3]))
 
 
+@pytest.mark.parametrize("count", [0.0, -1.0, np.nan, np.inf])
+@pytest.mark.parametrize("which", [1, 2])
+def test_expected_counts_must_be_positive_and_finite(which, count):
+    """The logits are corrected by -log(expected count): a zero count made
+    the loss NaN or infinite without a word."""
+    layer, _ = _layer(num_classes=10)
+    x = np.ones((3, 5), np.float32)
+    t = np.array([0, 1, 2])
+    counts = [None, np.ones(3, np.float32), np.ones(2, np.float32)]
+    counts[which][1] = count
+    values = (np.array([3, 4]), counts[1], counts[2])
+    with pytest.raises(ValueError,
+                       match=rf"sampled_values\[{which}\]` must be finite"):
+        layer(x, t, training=True, sampled_values=values)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=rf"sampled_values\[{which}\]` must be finite"):
+        tf.function(lambda x: layer(x, t, training=True,
+                                    sampled_values=values))(tf.constant(x))
+
+
+def test_custom_sampler_counts_are_checked():
+    def sampler(true_classes, num_true, num_sampled, unique, range_max,
+                seed):
+        sampled, true_expected, sampled_expected = (
+            tf.random.uniform_candidate_sampler(
+                true_classes, num_true, num_sampled, unique, range_max,
+                seed))
+        return sampled, true_expected * 0.0, sampled_expected
+
+    layer = SampledSoftmaxLoss(10, 3, sampler=sampler)
+    with pytest.raises(ValueError, match="true_expected_count.*finite"):
+        layer(np.ones((2, 4), np.float32), np.array([1, 2]), training=True)
+
+
+def test_ragged_and_unknown_rank_features():
+    layer, _ = _layer(num_classes=10)
+    t = np.array([0, 1, 2])
+    with pytest.raises(TypeError, match="`features` must be a dense tensor"):
+        layer(tf.ragged.constant([[[1.0] * 5], [[1.0] * 5] * 2]), t)
+    with pytest.raises(ValueError, match="`features` must have a known rank"):
+        tf.function(lambda x: layer(x, t),
+                    input_signature=[tf.TensorSpec(None)]
+                    ).get_concrete_function()
+
+
 def test_ids_out_of_range_in_graph():
     layer, _ = _layer(num_classes=10)
 
