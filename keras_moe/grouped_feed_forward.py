@@ -11,6 +11,13 @@ from keras_moe import xla
 # transposed copies.
 SMALL_GROUP_ROWS = 64
 
+# With more groups than this, the groups go through a loop in the graph,
+# `GROUPS_PER_STEP` groups per step (the rest one by one), so that the graph
+# and the time to trace it do not grow with the number of groups; up to
+# it, one matmul per group is written into the graph.
+MAX_UNROLLED_GROUPS = 32
+GROUPS_PER_STEP = 16
+
 
 def grouped_feed_forward(x, kernels, part_sizes, between_layers):
     """Each group of rows of `x` through its own stack of matmuls.
@@ -31,9 +38,14 @@ def grouped_feed_forward(x, kernels, part_sizes, between_layers):
       the largest, which writes the stacked `[groups, in, out]` gradient
       directly; autodiff stacks per-group pieces (a second full-size copy).
     Otherwise it computes autodiff's forms. Either way the groups stay
-    separate, as in autodiff, so no `[rows, hidden]` tensor is built, and
-    only the matmul outputs `z_l` are kept for the backward pass
-    (`between_layers` is recomputed there).
+    separate, as in autodiff, and only the matmul outputs `z_l` are kept
+    for the backward pass (`between_layers` is recomputed there).
+
+    With up to `MAX_UNROLLED_GROUPS` groups, each group's matmuls are
+    written into the graph. With more, they run in graph loops over the
+    groups (`GROUPS_PER_STEP` groups a step), the same matmuls with the same
+    numbers, so that the graph, and the time to trace it, stay the same
+    whatever the number of groups.
 
     Args:
         x: a float tensor `[rows, in]`, grouped.
@@ -67,15 +79,8 @@ def grouped_feed_forward(x, kernels, part_sizes, between_layers):
             f"`x` must be 2-D [rows, in]. Received: x.shape={x.shape}"
         )
 
-    def layer_backward(inputs, d_outputs, group_kernels):
-        return tf.cond(
-            tf.reduce_max(part_sizes) <= SMALL_GROUP_ROWS,
-            lambda: _small_group_backward(
-                inputs, d_outputs, group_kernels, part_sizes
-            ),
-            lambda: _autodiff_backward(inputs, d_outputs, group_kernels),
-        )
-
+    if num_groups > MAX_UNROLLED_GROUPS:
+        return _looped_groups_stack(x, kernels, part_sizes, between_layers)
     return _recomputing_stack(
         x,
         kernels,
@@ -85,8 +90,24 @@ def grouped_feed_forward(x, kernels, part_sizes, between_layers):
         # Unstacking shares the kernels' buffers: no copy.
         split_kernel=lambda k: tf.unstack(k, num=num_groups),
         between_layers=between_layers,
-        layer_backward=layer_backward,
+        layer_backward=_grouped_layer_backward(part_sizes),
     )
+
+
+def _grouped_layer_backward(part_sizes):
+    """One layer's backward over groups of `part_sizes` rows: the forms that
+    are fast for small groups on CPU, or autodiff's."""
+
+    def layer_backward(inputs, d_outputs, group_kernels):
+        return tf.cond(
+            tf.reduce_max(part_sizes) <= SMALL_GROUP_ROWS,
+            lambda: _small_group_backward(
+                inputs, d_outputs, group_kernels, part_sizes
+            ),
+            lambda: _autodiff_backward(inputs, d_outputs, group_kernels),
+        )
+
+    return layer_backward
 
 
 def slab_feed_forward(x, kernels, between_layers):
@@ -214,56 +235,226 @@ def _recomputing_stack(
     `layer_backward(inputs, d_outputs, part_kernels)` returns one layer's
     kernel gradient and its inputs' gradients (lists over parts).
     """
-    num_layers = len(kernels)
 
     @tf.custom_gradient
     def forward(x, *kernels):
         x_parts = split_rows(x)
         part_kernels = [split_kernel(k) for k in kernels]
-        # pre[l][i]: part i's matmul output at layer l.
-        pre = []
-        inputs = x_parts
-        for layer in range(num_layers):
-            z = [tf.matmul(a, k) for a, k in zip(inputs, part_kernels[layer])]
-            pre.append(z)
-            inputs = [between_layers(layer, zi) for zi in z]
-        outputs = tf.concat(inputs, 0)
-
-        def between_with_tapes(layer):
-            """`between_layers(layer, z)` per part, recomputed from the
-            saved `z` under a tape each, for its gradient."""
-            tapes, values = [], []
-            for zi in pre[layer]:
-                with tf.GradientTape() as tape:
-                    tape.watch(zi)
-                    values.append(between_layers(layer, zi))
-                tapes.append(tape)
-            return tapes, values
+        outputs, pre = _parts_forward(x_parts, part_kernels, between_layers)
 
         def grad(dy):
-            d_out = split_rows(dy)
-            d_kernels = [None] * num_layers
-            tapes, values = between_with_tapes(num_layers - 1)
-            for layer in reversed(range(num_layers)):
-                d_pre = [
-                    tape.gradient(a, z, output_gradients=g)
-                    for tape, a, z, g in zip(tapes, values, pre[layer], d_out)
-                ]
-                # This layer's inputs, recomputed once: they also give the
-                # previous layer's tapes.
-                if layer == 0:
-                    layer_inputs = x_parts
-                else:
-                    tapes, values = between_with_tapes(layer - 1)
-                    layer_inputs = values
-                d_kernels[layer], d_out = layer_backward(
-                    layer_inputs, d_pre, part_kernels[layer]
-                )
-            return (tf.concat(d_out, 0), *d_kernels)
+            d_x, d_kernels = _parts_backward(
+                x_parts, pre, split_rows(dy), part_kernels, between_layers,
+                layer_backward,
+            )
+            return (tf.concat(d_x, 0), *d_kernels)
 
-        return outputs, grad
+        return tf.concat(outputs, 0), grad
 
     return forward(x, *kernels)
+
+
+def _parts_forward(x_parts, part_kernels, between_layers):
+    """Each part through its layers: `(outputs, pre)`, lists over parts;
+    `pre[l][i]` is part i's matmul output at layer l."""
+    pre = []
+    inputs = x_parts
+    for layer, kernels in enumerate(part_kernels):
+        z = [tf.matmul(a, k) for a, k in zip(inputs, kernels)]
+        pre.append(z)
+        inputs = [between_layers(layer, zi) for zi in z]
+    return inputs, pre
+
+
+def _parts_backward(x_parts, pre, d_out, part_kernels, between_layers,
+                    layer_backward):
+    """The gradient of `_parts_forward` from its saved matmul outputs `pre`
+    and the output gradients `d_out` (lists over parts): `(d_x, d_kernels)`,
+    the inputs' gradients (a list over parts) and each layer's kernel
+    gradient."""
+    num_layers = len(part_kernels)
+
+    def between_with_tapes(layer):
+        """`between_layers(layer, z)` per part, recomputed from the saved
+        `z` under a tape each, for its gradient."""
+        tapes, values = [], []
+        for zi in pre[layer]:
+            with tf.GradientTape() as tape:
+                tape.watch(zi)
+                values.append(between_layers(layer, zi))
+            tapes.append(tape)
+        return tapes, values
+
+    d_kernels = [None] * num_layers
+    tapes, values = between_with_tapes(num_layers - 1)
+    for layer in reversed(range(num_layers)):
+        d_pre = [
+            tape.gradient(a, z, output_gradients=g)
+            for tape, a, z, g in zip(tapes, values, pre[layer], d_out)
+        ]
+        # This layer's inputs, recomputed once: they also give the
+        # previous layer's tapes.
+        if layer == 0:
+            layer_inputs = x_parts
+        else:
+            tapes, values = between_with_tapes(layer - 1)
+            layer_inputs = values
+        d_kernels[layer], d_out = layer_backward(
+            layer_inputs, d_pre, part_kernels[layer]
+        )
+    return d_out, d_kernels
+
+
+def _looped_groups_stack(x, kernels, part_sizes, between_layers):
+    """`grouped_feed_forward` with the per-group matmuls in graph loops.
+
+    Only the matmuls are per group: each goes through
+    `_looped_group_matmul`, whose loop bodies are the same whatever the
+    number of groups; `between_layers` and its gradient run on all rows at
+    once. Same forms and numbers as the unrolled graph, the same recomputing
+    gradient (only the matmul outputs are kept).
+    """
+    num_layers = len(kernels)
+
+    @tf.custom_gradient
+    def forward(x, *kernels):
+        pre = []
+        inputs = x
+        for layer, kernel in enumerate(kernels):
+            z = _looped_group_matmul(inputs, kernel, part_sizes)
+            pre.append(z)
+            inputs = between_layers(layer, z)
+
+        def between_with_tape(layer):
+            with tf.GradientTape() as tape:
+                tape.watch(pre[layer])
+                value = between_layers(layer, pre[layer])
+            return tape, value
+
+        def grad(dy):
+            small_groups = tf.reduce_max(part_sizes) <= SMALL_GROUP_ROWS
+            d_kernels = [None] * num_layers
+            d_out = dy
+            tape, value = between_with_tape(num_layers - 1)
+            for layer in reversed(range(num_layers)):
+                d_pre = tape.gradient(value, pre[layer],
+                                      output_gradients=d_out)
+                if layer == 0:
+                    layer_inputs = x
+                else:
+                    tape, value = between_with_tape(layer - 1)
+                    layer_inputs = value
+                d_kernels[layer] = tf.cond(
+                    small_groups,
+                    lambda: _padded_kernel_gradient(
+                        layer_inputs, d_pre, part_sizes),
+                    lambda: _looped_kernel_gradient(
+                        layer_inputs, d_pre, part_sizes,
+                        kernels[layer].shape),
+                )
+                d_out = tf.cond(
+                    small_groups,
+                    lambda: _looped_group_matmul(
+                        d_pre, kernels[layer], part_sizes, "untransposed"),
+                    lambda: _looped_group_matmul(
+                        d_pre, kernels[layer], part_sizes, "transposed"),
+                )
+            return (d_out, *d_kernels)
+
+        return inputs, grad
+
+    return forward(x, *kernels)
+
+
+def _group_loops(num_groups):
+    """`[(first group, groups per step, steps)]`: `GROUPS_PER_STEP` groups at
+    a time, then those left over one at a time."""
+    full_steps = num_groups // GROUPS_PER_STEP
+    loops = [(0, GROUPS_PER_STEP, full_steps)] if full_steps else []
+    if num_groups % GROUPS_PER_STEP:
+        loops.append((full_steps * GROUPS_PER_STEP, 1,
+                      num_groups % GROUPS_PER_STEP))
+    return loops
+
+
+def _loop_over_groups(num_groups, body, dtype, inner_shape):
+    """`body(first, size)` for every step of `_group_loops(num_groups)`,
+    `first` a scalar tensor; its results `[n, *inner_shape]` concatenated
+    along their first axis, in group order."""
+    results = []
+    for first, size, steps in _group_loops(num_groups):
+        array = tf.TensorArray(dtype, size=steps, infer_shape=False,
+                               element_shape=[None, *inner_shape])
+
+        def loop_body(step, array, first=first, size=size):
+            return step + 1, array.write(step, body(first + step * size,
+                                                    size))
+
+        _, array = tf.while_loop(
+            lambda step, _: step < steps, loop_body, (0, array))
+        results.append(array.concat())
+    return results[0] if len(results) == 1 else tf.concat(results, 0)
+
+
+def _looped_group_matmul(a, kernel, part_sizes, form="forward"):
+    """Rows of group `i` of `a` times `kernel[i]` (`form="forward"`), or
+    times its transpose, as `dz @ transpose(k)` (`"transposed"`) or as
+    `transpose(k @ transpose(dz))` (`"untransposed"`, faster on CPU for
+    small groups): one matmul per group, in a loop."""
+    num_groups = kernel.shape[0]
+    row_start = tf.concat([[0], tf.cumsum(part_sizes)], 0)
+    out_dim = kernel.shape[1] if form != "forward" else kernel.shape[2]
+
+    def body(first, size):
+        rows = a[row_start[first]:row_start[first + size]]
+        parts = tf.split(rows, part_sizes[first:first + size], num=size)
+        group_kernels = tf.unstack(kernel[first:first + size], num=size)
+        if form == "forward":
+            out = [tf.matmul(r, k) for r, k in zip(parts, group_kernels)]
+        elif form == "transposed":
+            out = [tf.matmul(r, k, transpose_b=True)
+                   for r, k in zip(parts, group_kernels)]
+        else:
+            out = [tf.transpose(tf.matmul(k, r, transpose_b=True))
+                   for r, k in zip(parts, group_kernels)]
+        return tf.concat(out, 0)
+
+    return _loop_over_groups(num_groups, body, a.dtype, [out_dim])
+
+
+def _padded_kernel_gradient(a, dz, part_sizes):
+    """`stack_i(transpose(a_i) @ dz_i)` over the groups of rows, as one
+    batched matmul of the groups padded to the largest with zero rows (a
+    gather from one appended zero row): fast for small groups on CPU."""
+    rows = tf.shape(a)[0]
+    group_start = tf.cumsum(part_sizes, exclusive=True)
+    slot = tf.range(tf.reduce_max(part_sizes))[None, :]
+    row = tf.where(
+        slot < part_sizes[:, None], group_start[:, None] + slot, rows
+    )
+
+    def pad(t):
+        return tf.gather(tf.concat([t, tf.zeros_like(t[:1])], 0), row)
+
+    return tf.matmul(pad(a), pad(dz), transpose_a=True)
+
+
+def _looped_kernel_gradient(a, dz, part_sizes, kernel_shape):
+    """The same, one matmul per group in a loop (large groups)."""
+    row_start = tf.concat([[0], tf.cumsum(part_sizes)], 0)
+
+    def body(first, size):
+        start, end = row_start[first], row_start[first + size]
+        sizes = part_sizes[first:first + size]
+        a_parts = tf.split(a[start:end], sizes, num=size)
+        dz_parts = tf.split(dz[start:end], sizes, num=size)
+        return tf.stack([
+            tf.matmul(ai, gi, transpose_a=True)
+            for ai, gi in zip(a_parts, dz_parts)
+        ])
+
+    return _loop_over_groups(kernel_shape[0], body, a.dtype,
+                             kernel_shape[1:])
 
 
 def _autodiff_backward(inputs, d_outputs, kernels):
@@ -280,22 +471,10 @@ def _autodiff_backward(inputs, d_outputs, kernels):
 
 def _small_group_backward(inputs, d_outputs, kernels, part_sizes):
     """The same, in the forms that are fast for small groups on CPU."""
-    # Each group's rows padded with zeros to the largest group (a gather
-    # from one appended zero row); one batched matmul writes the stacked
-    # gradient.
-    rows = tf.reduce_sum(part_sizes)
-    group_start = tf.cumsum(part_sizes, exclusive=True)
-    slot = tf.range(tf.reduce_max(part_sizes))[None, :]
-    row = tf.where(
-        slot < part_sizes[:, None], group_start[:, None] + slot, rows
-    )
-
-    def pad(parts):
-        zero_row = tf.zeros([1, tf.shape(parts[0])[1]], parts[0].dtype)
-        flat = tf.concat(parts + [zero_row], 0)
-        return tf.gather(flat, row)
-
-    d_kernel = tf.matmul(pad(inputs), pad(d_outputs), transpose_a=True)
+    # One batched matmul of the groups padded to the largest writes the
+    # stacked gradient.
+    d_kernel = _padded_kernel_gradient(
+        tf.concat(inputs, 0), tf.concat(d_outputs, 0), part_sizes)
     d_inputs = [
         tf.transpose(tf.matmul(k, g, transpose_b=True))
         for g, k in zip(d_outputs, kernels)

@@ -16,6 +16,7 @@ from keras_moe.grouped_feed_forward import (
     slab_feed_forward,
     slab_matmul,
 )
+from graph_size import graph_size
 from numerics import FORWARD, GRADIENT, UNIT, assert_close
 
 # float16: tolerance from its precision, not float32's. One float16
@@ -94,6 +95,17 @@ def _inputs(part_sizes, sizes, dtype="float32", seed=0):
     return x, kernels, tf.constant(part_sizes, tf.int32)
 
 
+@pytest.fixture(params=["unrolled", "looped"])
+def graph_form(request, monkeypatch):
+    """Both graphs of `grouped_feed_forward`: one matmul per group written
+    into the graph (few groups), and the loops over groups (many groups),
+    here 3 groups a step and the rest one by one, so that both loops run."""
+    if request.param == "looped":
+        monkeypatch.setattr(grouped_module, "MAX_UNROLLED_GROUPS", 0)
+        monkeypatch.setattr(grouped_module, "GROUPS_PER_STEP", 3)
+    return request.param
+
+
 @pytest.mark.parametrize("part_sizes", PART_SIZES)
 @pytest.mark.parametrize("between", sorted(BETWEEN))
 @pytest.mark.parametrize(
@@ -101,7 +113,7 @@ def _inputs(part_sizes, sizes, dtype="float32", seed=0):
 )
 @pytest.mark.parametrize("traced", [False, True], ids=["eager", "function"])
 def test_matches_autodiff(part_sizes, between, small_group_rows, traced,
-                          monkeypatch):
+                          graph_form, monkeypatch):
     # The row limit picks the backward form: -1 always autodiff's, 1000
     # always the small-group one (padded batched kernel gradient,
     # untransposed input gradient).
@@ -120,7 +132,7 @@ def test_matches_autodiff(part_sizes, between, small_group_rows, traced,
     _assert_same(ours, reference, x, kernels)
 
 
-def test_empty_group_gets_zero_kernel_gradient():
+def test_empty_group_gets_zero_kernel_gradient(graph_form):
     x, kernels, part_sizes = _inputs([2, 0, 3], (6, 7, 5))
     _, _, *d_kernels = _values_and_gradients(
         lambda x, k: grouped_feed_forward(x, k, part_sizes, _relu_scaled),
@@ -131,7 +143,7 @@ def test_empty_group_gets_zero_kernel_gradient():
         assert float(tf.reduce_max(tf.abs(d_kernel[0]))) > 0.0
 
 
-def test_float16():
+def test_float16(graph_form):
     x, kernels, part_sizes = _inputs([2, 3, 0, 4], (6, 7, 5), "float16")
     y = grouped_feed_forward(x, kernels, part_sizes, _relu_scaled)
     assert y.dtype == tf.float16
@@ -140,6 +152,27 @@ def test_float16():
         lambda x, k: _reference(x, k, part_sizes, _relu_scaled),
         x, kernels, depth_factor=FLOAT16_DEPTH_FACTOR,
     )
+
+
+def test_graph_size_does_not_grow_with_the_number_of_groups():
+    def train_step(num_groups):
+        # The same rows whatever the number of groups: a large constant is
+        # captured differently from a small one.
+        x, kernels, part_sizes = _inputs(
+            [3] * 4 + [0] * (num_groups - 4), (6, 7, 5))
+        return lambda: _values_and_gradients(
+            lambda x, k: grouped_feed_forward(
+                x, k, part_sizes, _relu_scaled), x, kernels)
+
+    unrolled = [graph_size(train_step(n)) for n in (8, 16)]
+    assert unrolled[1] > unrolled[0] + 8 * 10  # one matmul (and more) each
+    # Past MAX_UNROLLED_GROUPS, the loops: the same graph for any number of
+    # groups with the same remainder of GROUPS_PER_STEP.
+    step = grouped_module.GROUPS_PER_STEP
+    many = grouped_module.MAX_UNROLLED_GROUPS + 1
+    looped = [graph_size(train_step(many + n * step)) for n in (0, 10, 100)]
+    assert looped[0] == looped[1] == looped[2], looped
+    assert looped[0] < unrolled[1] * 4
 
 
 def test_unknown_number_of_groups_is_an_error():

@@ -6,6 +6,8 @@ import pytest
 import tensorflow as tf
 
 import keras_moe
+from keras_moe import grouped_feed_forward
+from graph_size import graph_size
 from numerics import ELEMENTWISE, FORWARD, assert_close
 
 
@@ -278,6 +280,30 @@ def test_functional_model_fit_step_and_no_xla():
     assert np.isfinite(history.history["loss"][0])
     after = model.trainable_weights
     assert all(not np.array_equal(b, a.numpy()) for b, a in zip(before, after))
+
+
+@pytest.mark.parametrize("dispatch", ["sparse", "capacity"])
+def test_graph_size_does_not_grow_with_the_number_of_experts(dispatch):
+    # Past grouped_feed_forward.MAX_UNROLLED_GROUPS experts the per-expert
+    # matmuls run in graph loops: the same training step for any number.
+    def train_step_size(num_experts):
+        layer = keras_moe.MixtureOfExperts(
+            num_experts, k=2, hidden_sizes=(4,), dispatch=dispatch)
+        layer.build((None, 5))
+        x = tf.zeros([8, 5])
+
+        def train_step():
+            with tf.GradientTape() as tape:
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(y * y) + tf.add_n(layer.losses)
+            return tape.gradient(loss, layer.trainable_variables)
+
+        return graph_size(train_step)
+
+    step = grouped_feed_forward.GROUPS_PER_STEP
+    first = grouped_feed_forward.MAX_UNROLLED_GROUPS + step
+    sizes = [train_step_size(first), train_step_size(first + 60 * step)]
+    assert sizes[0] == sizes[1], sizes
 
 
 @pytest.mark.parametrize("dispatch", ["sparse", "capacity"])
