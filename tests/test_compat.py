@@ -26,10 +26,10 @@ import tensorflow as tf
 
 import keras_moe
 from keras_moe.compat import load_tf1_checkpoint
+import numerics
 import oracle
 from parity_checks import NO_ORIGINAL
 
-RTOL = 1e-5
 KINDS = oracle.COMMITTED_CHECKPOINT_KINDS  # ("local", "hierarchical")
 
 # --------------------------------------------------------------------------
@@ -134,12 +134,8 @@ def layer_weights(layer, case):
 
 
 def assert_close(actual, desired, what):
-    actual = np.asarray(actual, np.float64)
-    desired = np.asarray(desired, np.float64)
-    assert actual.shape == desired.shape, (what, actual.shape, desired.shape)
-    atol = 1e-5 * float(np.max(np.abs(desired), initial=0.0))
-    np.testing.assert_allclose(actual, desired, rtol=RTOL, atol=atol,
-                               err_msg=what)
+    """The outputs of the original, as the parity tests compare them."""
+    numerics.assert_close(actual, desired, numerics.FORWARD, what=what)
 
 
 def assert_reproduces(layer, outputs, what):

@@ -19,11 +19,10 @@ import tensorflow as tf
 from keras_moe import embedding as embedding_module
 from keras_moe.embedding import ShardedEmbedding, shard_rows
 from strategies import mirrored
+from numerics import FORWARD, GRADIENT, assert_close
 import oracle
 from parity_checks import embedding_softmax_reference
 
-FORWARD_RTOL = 1e-6
-GRAD_RTOL = 1e-6
 
 # --------------------------------------------------------------------------
 # Parity with the original.
@@ -62,8 +61,7 @@ def test_parity_with_original(source, name):
             # A lookup copies rows: exactly equal.
             np.testing.assert_array_equal(mine[key], ref[key], err_msg=key)
         else:
-            np.testing.assert_allclose(mine[key], ref[key], rtol=GRAD_RTOL,
-                                       atol=1e-6, err_msg=key)
+            assert_close(mine[key], ref[key], GRADIENT, what=key)
 
 
 @pytest.mark.parametrize("name", [c["name"] for c in oracle.EMBEDDING_CASES])
@@ -195,9 +193,9 @@ def test_mask_zero_in_a_functional_model():
     layer = keras.Model(ids, [h, pooled])
     batch = np.array([[1, 3, 0, 0], [2, 0, 0, 0]])
     rows, means = layer(batch)
-    np.testing.assert_allclose(means[0], rows.numpy()[0, :2].mean(0),
-                               rtol=1e-6)
-    np.testing.assert_allclose(means[1], rows.numpy()[1, 0], rtol=1e-6)
+    assert_close(means[0], rows.numpy()[0, :2].mean(0), FORWARD,
+                 what="masked mean")
+    assert_close(means[1], rows.numpy()[1, 0], FORWARD, what="masked mean")
 
 
 def test_tf_train_checkpoint_holds_every_shard(tmp_path):
@@ -342,8 +340,8 @@ def test_export_saved_model(tmp_path):
     path = str(tmp_path / "exported")
     model.export(path, verbose=False)
     reloaded = tf.saved_model.load(path)
-    np.testing.assert_allclose(reloaded.serve(tf.constant(ids)).numpy(),
-                               expected, rtol=1e-6, atol=1e-6)
+    assert_close(reloaded.serve(tf.constant(ids)).numpy(), expected,
+                 FORWARD, what="serve")
 
 
 # --------------------------------------------------------------------------

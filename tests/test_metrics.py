@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import keras_moe
-from numerics import ELEMENTWISE, assert_close
+from numerics import ELEMENTWISE, FORWARD, assert_close
 from strategies import mirrored
 
 KEYS = ("aux_loss", "importance_cv2", "load_cv2", "max_overload")
@@ -63,13 +63,12 @@ def test_fit_and_evaluate_report_the_layers_routing(layer_cls):
     expected = _expected(layer, x)
     assert expected["load_cv2"] > 0 and expected["max_overload"] > 1
     for key in KEYS:
-        np.testing.assert_allclose(history.history[f"moe_{key}"][0],
-                                   expected[key], rtol=1e-5)
+        assert_close(history.history[f"moe_{key}"][0], expected[key],
+                     FORWARD, what=key)
     results = model.evaluate(x, y, batch_size=16, verbose=0,
                              return_dict=True)
     for key in KEYS:
-        np.testing.assert_allclose(results[f"moe_{key}"], expected[key],
-                                   rtol=1e-5)
+        assert_close(results[f"moe_{key}"], expected[key], FORWARD, what=key)
 
 
 def test_metrics_are_global_under_mirrored_strategy():
@@ -83,8 +82,8 @@ def test_metrics_are_global_under_mirrored_strategy():
     history = model.fit(x, y, batch_size=16, epochs=1, shuffle=False,
                         verbose=0)
     for key in KEYS:
-        np.testing.assert_allclose(history.history[f"moe_{key}"][0],
-                                   expected[key], rtol=1e-5)
+        assert_close(history.history[f"moe_{key}"][0], expected[key],
+                     FORWARD, what=key)
 
 
 def test_metrics_can_be_turned_off():
@@ -102,9 +101,9 @@ def test_last_training_batch_statistics_are_kept_for_callbacks():
     np.testing.assert_array_equal(layer.last_load.numpy(), np.zeros(5))
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     _, routing = layer(x, training=True, return_routing=True)
-    np.testing.assert_allclose(layer.last_load, routing["load"], rtol=1e-6)
-    np.testing.assert_allclose(layer.last_importance, routing["importance"],
-                               rtol=1e-6)
+    assert_close(layer.last_load, routing["load"], FORWARD, what="load")
+    assert_close(layer.last_importance, routing["importance"], FORWARD,
+                 what="importance")
     before = layer.last_load.numpy().copy()
     layer(x[:3], training=False)
     np.testing.assert_array_equal(layer.last_load.numpy(), before)

@@ -23,11 +23,10 @@ import tensorflow as tf
 from keras_moe import sampled_softmax as sampled_softmax_module
 from keras_moe.embedding import ShardedEmbedding
 from keras_moe.sampled_softmax import SampledSoftmaxLoss, sampled_softmax_loss
+from numerics import FORWARD, GRADIENT, assert_close
 import oracle
 from parity_checks import embedding_softmax_reference
 
-FORWARD_RTOL = 1e-6
-GRAD_RTOL = 1e-5
 
 # --------------------------------------------------------------------------
 # Parity with the original.
@@ -78,10 +77,9 @@ def test_parity_with_original(source, name):
     mine = ours_softmax(case, data)
     assert sorted(mine) == sorted(ref)
     for key in ref:
-        rtol = GRAD_RTOL if key.startswith("grad/") else FORWARD_RTOL
-        atol = 1e-6 * max(1.0, float(np.max(np.abs(ref[key]))))
-        np.testing.assert_allclose(mine[key], ref[key], rtol=rtol, atol=atol,
-                                   err_msg=f"{name} [{source}] {key}")
+        depth = GRADIENT if key.startswith("grad/") else FORWARD
+        assert_close(mine[key], ref[key], depth,
+                     what=f"{name} [{source}] {key}")
 
 
 @pytest.mark.parametrize("name", [c["name"] for c in oracle.SOFTMAX_CASES])
@@ -145,7 +143,7 @@ def test_matches_the_formula_any_rank():
     assert got.shape == (2, 3) and got.dtype == tf.float32
     want = _numpy_sampled_loss(x.reshape(-1, 5), table, t.reshape(-1),
                                sampled, q).reshape(2, 3)
-    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
+    assert_close(got.numpy(), want, FORWARD, what="loss")
     # [..., 1] expected counts of the targets, as the samplers give them.
     got1 = layer(x, t, training=True,
                  sampled_values=(sampled, q[t][..., None], q[sampled]))
@@ -161,7 +159,7 @@ def test_all_classes_sampled_is_the_full_softmax():
     ones = np.ones(7, np.float32)
     got = layer(x, t, training=True, sampled_values=(sampled, ones[t], ones))
     full = layer(x, t, training=False)
-    np.testing.assert_allclose(got.numpy(), full.numpy(), rtol=1e-5)
+    assert_close(got.numpy(), full.numpy(), FORWARD, what="loss")
 
 
 def test_inference_is_the_full_softmax():
@@ -170,16 +168,15 @@ def test_inference_is_the_full_softmax():
     x = rng.normal(size=(2, 4, 5)).astype(np.float32)
     t = rng.randint(0, 11, size=(2, 4))
     logits = x @ table.T
-    np.testing.assert_allclose(layer.logits(x).numpy(), logits, rtol=1e-5,
-                               atol=1e-5)
+    assert_close(layer.logits(x).numpy(), logits, FORWARD, what="logits")
     log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     want = -np.take_along_axis(log_softmax, t[..., None], -1)[..., 0]
     for training in (False, None):
-        np.testing.assert_allclose(layer(x, t, training=training).numpy(),
-                                   want, rtol=1e-5)
+        assert_close(layer(x, t, training=training).numpy(), want, FORWARD,
+                     what="loss")
     w = rng.uniform(size=(2, 4)).astype(np.float32)
-    np.testing.assert_allclose(layer(x, t, sample_weight=w).numpy(), want * w,
-                               rtol=1e-5)
+    assert_close(layer(x, t, sample_weight=w).numpy(), want * w, FORWARD,
+                 what="weighted loss")
 
 
 def test_function_matches_the_layer():
@@ -194,7 +191,7 @@ def test_function_matches_the_layer():
         np.log(q[sampled]))
     want = layer(x, t, training=True,
                  sampled_values=(sampled, q[t], q[sampled]))
-    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
+    assert_close(got.numpy(), want.numpy(), FORWARD, what="loss")
 
 
 def test_gradient_is_sparse_and_finite_with_a_sampled_target():
@@ -286,8 +283,8 @@ def test_tied_embedding():
     assert [id(v) for v in layer.embedding.shards] == [id(v) for v in
                                                        emb.shards]
     table = emb.full_table().numpy()
-    np.testing.assert_allclose(layer.logits(x).numpy(), x @ table.T,
-                               rtol=1e-5, atol=1e-6)
+    assert_close(layer.logits(x).numpy(), x @ table.T, FORWARD,
+                 what="logits")
     with pytest.raises(ValueError, match="features.shape=\\(3, 6\\)"):
         SampledSoftmaxLoss(15, 5, embedding=ShardedEmbedding(15, 4, 3))(
             np.zeros((3, 6), np.float32), np.array([0, 1, 2]))
@@ -441,7 +438,7 @@ def test_export_saved_model(tmp_path):
     model.export(path, verbose=False)
     reloaded = tf.saved_model.load(path)
     got = reloaded.serve([tf.constant(ids), tf.constant(targets)])
-    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert_close(got.numpy(), expected, FORWARD, what="serve")
 
 
 # --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import keras_moe
+from numerics import ELEMENTWISE, FORWARD, assert_close
 
 MOE_CONFIGS = {
     "hidden": dict(num_experts=4, k=2, hidden_sizes=(8,)),
@@ -261,10 +262,9 @@ def test_keras_file_round_trip_with_mask(tmp_path):
     # Masked positions are routed nowhere: the MoE outputs zero there, so
     # the head outputs its bias alone.
     bias = model.get_layer("head").bias.numpy()
-    np.testing.assert_allclose(
-        expected[padded], np.broadcast_to(bias, expected[padded].shape),
-        rtol=0, atol=1e-6,
-    )
+    assert_close(expected[padded],
+                 np.broadcast_to(bias, expected[padded].shape), ELEMENTWISE,
+                 what="padded outputs")
     assert not np.allclose(expected[~padded], bias, atol=1e-3)
     path = str(tmp_path / "masked.keras")
     model.save(path)
@@ -281,8 +281,8 @@ def test_keras_file_round_trip_with_mask(tmp_path):
     table = embed.embeddings.numpy().copy()
     table[0] += 100.0
     embed.embeddings.assign(table)
-    np.testing.assert_allclose(loaded.predict(tokens, verbose=0), expected,
-                               rtol=1e-6, atol=1e-6)
+    assert_close(loaded.predict(tokens, verbose=0), expected, ELEMENTWISE,
+                 what="outputs with the padding's embedding changed")
 
 
 def _trained_routing_model(cls, routing_metrics):
@@ -381,24 +381,22 @@ def test_export_serve_matches_predict(config, tmp_path):
     model.export(export_dir, verbose=False)
 
     served = tf.saved_model.load(export_dir)
-    np.testing.assert_allclose(served.serve(x).numpy(), expected,
-                               rtol=1e-6, atol=1e-6)
+    assert_close(served.serve(x).numpy(), expected, FORWARD, what="serve")
     # Any batch size, and deterministically (no noise in serving).
-    np.testing.assert_allclose(
-        served.serve(other_batch).numpy(),
-        model.predict(other_batch, verbose=0), rtol=1e-6, atol=1e-6,
-    )
+    assert_close(served.serve(other_batch).numpy(),
+                 model.predict(other_batch, verbose=0), FORWARD,
+                 what="serve, another batch")
     np.testing.assert_array_equal(served.serve(x).numpy(),
                                   served.serve(x).numpy())
 
     # Through keras.layers.TFSMLayer, alone and inside a new model.
     reloaded = keras.layers.TFSMLayer(export_dir, call_endpoint="serve")
-    np.testing.assert_allclose(np.asarray(reloaded(x)), expected,
-                               rtol=1e-6, atol=1e-6)
+    assert_close(np.asarray(reloaded(x)), expected, FORWARD,
+                 what="TFSMLayer")
     inputs = keras.Input((5, 6))
     wrapper = keras.Model(inputs, reloaded(inputs))
-    np.testing.assert_allclose(wrapper.predict(x, verbose=0), expected,
-                               rtol=1e-6, atol=1e-6)
+    assert_close(wrapper.predict(x, verbose=0), expected, FORWARD,
+                 what="TFSMLayer in a model")
 
 
 _FRESH_PROCESS_SCRIPT = textwrap.dedent(
@@ -443,5 +441,4 @@ def test_export_serves_in_fresh_process(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     for name, want in expected.items():
         got = np.load(tmp_path / f"{name}_y.npy")
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6,
-                                   err_msg=name)
+        assert_close(got, want, FORWARD, what=name)
