@@ -6,7 +6,7 @@ import math
 import keras
 import tensorflow as tf
 
-from keras_moe import balance, initialization, validation
+from keras_moe import initialization, validation
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -143,25 +143,12 @@ class NoisyTopKGating(keras.layers.Layer):
             x = tf.where(tf.expand_dims(mask, 1), x, 0.0)
         x = validation.check_finite("inputs", x)
         clean_logits = tf.matmul(x, tf.cast(self.gate_kernel, tf.float32))
-        # A finite token can still overflow the logits; its gates would be
-        # NaN, and the dispatch would route it nowhere without a word.
-        clean_logits = validation.check_finite_rows(
-            "inputs", clean_logits, x,
-            "gives gate logits (inputs @ gate_kernel) that overflow "
-            "float32: a token's values are too large for the gate kernel.",
-        )
-        noisy = self.noisy_gating and bool(training)
-        if noisy:
-            noise_stddev = (
-                tf.nn.softplus(
-                    tf.matmul(x, tf.cast(self.noise_kernel, tf.float32))
-                )
-                + self.noise_epsilon
-            )
+        noise_logits = None
+        if self.noisy_gating and bool(training):
+            noise_logits = tf.matmul(
+                x, tf.cast(self.noise_kernel, tf.float32))
             if noise is None:
-                noise = tf.random.stateless_normal(
-                    tf.shape(clean_logits), seed=self._noise_seed()
-                )
+                noise = self.draw_noise(tf.shape(clean_logits))
             else:
                 noise = validation.check_float_tensor("noise", noise)
                 noise = validation.check_leading_shape(
@@ -171,8 +158,47 @@ class NoisyTopKGating(keras.layers.Layer):
                 if mask is not None:
                     noise = tf.where(tf.expand_dims(mask, 1), noise, 0.0)
                 noise = validation.check_finite("noise", noise)
+        gates, row_load = self.gate_logits(
+            x, clean_logits, noise_logits, noise, mask)
+        return gates, tf.reduce_sum(row_load, 0)
+
+    def gate_logits(self, inputs, clean_logits, noise_logits=None,
+                    noise=None, mask=None):
+        """The gating from logits computed elsewhere, row by row.
+
+        What `call` does after its matmuls, for a caller that computes the
+        logits of many gating networks at once (the groups of
+        `HierarchicalMixtureOfExperts`): top-k, softmax, and each row's part
+        of the load.
+
+        Args:
+            inputs: float32 `[rows, d]`, the rows the logits come from (only
+                to name a row whose logits overflow).
+            clean_logits: float32 `[rows, num_experts]`, `inputs @
+                gate_kernel`.
+            noise_logits: float32 `[rows, num_experts]`, `inputs @
+                noise_kernel`, or None for no noise (inference, or
+                `noisy_gating=False`).
+            noise: float32 `[rows, num_experts]`, the standard-normal draw
+                (with `noise_logits`).
+            mask: optional bool `[rows]`; masked rows get zero gates and no
+                load.
+
+        Returns:
+            `(gates, row_load)`, both float32 `[rows, num_experts]`; the
+            load is `reduce_sum(row_load, 0)`.
+        """
+        # A finite token can still overflow the logits; its gates would be
+        # NaN, and the dispatch would route it nowhere without a word.
+        clean_logits = validation.check_finite_rows(
+            "inputs", clean_logits, inputs,
+            "gives gate logits (inputs @ gate_kernel) that overflow "
+            "float32: a token's values are too large for the gate kernel.",
+        )
+        if noise_logits is not None:
+            noise_stddev = tf.nn.softplus(noise_logits) + self.noise_epsilon
             logits = validation.check_finite_rows(
-                "inputs", clean_logits + noise * noise_stddev, x,
+                "inputs", clean_logits + noise * noise_stddev, inputs,
                 "gives noisy gate logits (inputs @ gate_kernel + noise * "
                 "softplus(inputs @ noise_kernel)) that overflow float32: "
                 "a token's values (or its `noise`) are too large for the "
@@ -195,15 +221,20 @@ class NoisyTopKGating(keras.layers.Layer):
         if mask is not None:
             gates = tf.where(tf.expand_dims(mask, 1), gates, 0.0)
         if self.noisy_gating and self.k < self.num_experts:
-            prob = prob_in_top_k(
+            row_load = prob_in_top_k(
                 clean_logits, logits, noise_stddev, top_logits, self.k
             )
             if mask is not None:
-                prob = tf.where(tf.expand_dims(mask, 1), prob, 0.0)
-            load = tf.reduce_sum(prob, 0)
+                row_load = tf.where(tf.expand_dims(mask, 1), row_load, 0.0)
         else:
-            load = balance.gates_to_load(gates)
-        return gates, load
+            # The true count (`balance.gates_to_load`), row by row.
+            row_load = tf.cast(gates > 0, tf.float32)
+        return gates, row_load
+
+    def draw_noise(self, shape):
+        """A standard-normal float32 draw of `shape` from the layer's noise
+        stream (each call the next; distinct on each replica)."""
+        return tf.random.stateless_normal(shape, seed=self._noise_seed())
 
     def _noise_seed(self):
         """The next seed of the layer's stream, distinct on each replica.
@@ -255,10 +286,9 @@ def top_k_by_argmax(x, k):
     For `k <= 10` it takes `k` successive argmaxes, knocking each winner out,
     as the original (ties go to the lower index, and the gradient of a tied
     maximum is shared as `reduce_max` shares it). The original added -1e9 to
-    a winner, which leaves a value above about 1e16 (or below -1e9 of the
-    others) a winner again, and picks one expert twice; here a winner
-    becomes -inf, the same for every other input. For larger `k` it is
-    `tf.math.top_k`.
+    a winner, which leaves a value above about 1e16 (or more than 1e9 above
+    the next) the winner again, returned twice; here a winner becomes -inf,
+    the same for every other input. For larger `k` it is `tf.math.top_k`.
 
     Args:
         x: a float tensor `[rows, n]`.
