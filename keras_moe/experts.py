@@ -144,10 +144,10 @@ class FeedForwardExperts(keras.layers.Layer):
         if stacked:
             # Per-expert matmuls on CPU, batched under XLA or on GPUs.
             return grouped_feed_forward.slab_feed_forward(
-                x, kernels, self._between_layers
+                x, kernels, self.between_layers
             )
         return grouped_feed_forward.grouped_feed_forward(
-            x, kernels, part_sizes, self._between_layers
+            x, kernels, part_sizes, self.between_layers
         )
 
     def call_expert(self, x, expert_index):
@@ -168,12 +168,13 @@ class FeedForwardExperts(keras.layers.Layer):
             for kernel in self.kernels
         ]
         for layer, kernel in enumerate(kernels):
-            x = self._between_layers(layer, tf.matmul(x, kernel))
+            x = self.between_layers(layer, tf.matmul(x, kernel))
         return x
 
-    def _between_layers(self, layer, z):
-        """What follows layer `layer`'s matmul: the original's autoscale
-        and, except after the last layer, the hidden activation."""
+    def between_layers(self, layer, z):
+        """What follows layer `layer`'s matmul `z`: the original's autoscale
+        and, except after the last layer, the hidden activation (the
+        `between_layers` of `grouped_feed_forward`)."""
         fan_in = self.layer_sizes[layer]
         if self.autoscale and fan_in != self.layer_sizes[0]:
             z *= (fan_in / self.layer_sizes[0]) ** -0.5

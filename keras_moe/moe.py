@@ -9,7 +9,7 @@ import threading
 import keras
 import tensorflow as tf
 
-from keras_moe import balance, validation, xla
+from keras_moe import balance, grouped_feed_forward, validation, xla
 from keras_moe.dispatch import CapacityDispatcher, SparseDispatcher
 from keras_moe.experts import FeedForwardExperts
 from keras_moe.gating import NoisyTopKGating
@@ -761,6 +761,12 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
     `loss_coef * (cv_squared(importance) + cv_squared(load))`, covers the
     whole layer; the groups add none of their own.
 
+    The groups hold the weights (`.groups[i].gating`, `.groups[i].experts`);
+    the layer computes all groups at once from them (their gatings' logits
+    and their experts' matmuls through `grouped_feed_forward`, in graph
+    loops past 32), so that tracing does not grow with `num_groups` beyond
+    reading each group's weights and drawing its noise.
+
     Args:
         num_groups: int >= 1, the number of groups (primary experts).
         experts_per_group: int >= 1.
@@ -943,58 +949,58 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
         primary_true_load = balance.gates_to_load(primary_gates)
         if multiplier is not None:
             primary_gates *= tf.expand_dims(multiplier, 1)
-        dispatcher = SparseDispatcher(self.num_groups, primary_gates)
-        group_inputs = dispatcher.dispatch(x)
-        group_multipliers = dispatcher.expert_to_gates()
-        if secondary_noise is None:
-            group_noise = [None] * self.num_groups
-        else:
-            # Each routed (token, group) pair reads its own noise row.
-            pairs = tf.stack([dispatcher.batch_index, dispatcher.expert_index], 1)
-            group_noise = tf.split(
-                tf.gather_nd(secondary_noise, pairs), dispatcher.part_sizes,
-                num=self.num_groups,
-            )
-        routed_groups = [
-            group._route(inputs, inputs, training, group_multiplier, draw, None)
-            for group, inputs, group_multiplier, draw in zip(
-                self.groups, group_inputs, group_multipliers, group_noise
-            )
-        ]
-        # The secondary gates already carry the primary gates.
-        outputs = dispatcher.combine(
-            [routed.outputs for routed in routed_groups],
-            multiply_by_gates=False,
+        # Every group at once, so that the graph does not grow with the
+        # number of groups (past reading each group's weights): the routed
+        # (token, group) pairs, group by group, are the groups' rows.
+        primary = SparseDispatcher(self.num_groups, primary_gates)
+        group_of_row, token_of_row = primary.expert_index, primary.batch_index
+        rows = tf.gather(x, token_of_row)
+        group_gates, row_load = self._secondary_gates(
+            rows, primary.part_sizes, group_of_row, token_of_row, training,
+            secondary_noise,
         )
+        # The secondary gates carry the primary gates.
+        group_gates *= tf.expand_dims(primary.nonzero_gates, 1)
         statistics = {
-            "importance": tf.stack(
-                [routed.statistics["importance"] for routed in routed_groups]
-            ),
-            "secondary_load": tf.stack(
-                [routed.statistics["load"] for routed in routed_groups]
-            ),
+            "importance": tf.math.unsorted_segment_sum(
+                group_gates, group_of_row, self.num_groups),
+            "secondary_load": tf.math.unsorted_segment_sum(
+                row_load, group_of_row, self.num_groups),
             "primary_smooth_load": primary_smooth_load,
             "primary_true_load": primary_true_load,
         }
-        def pairs():
-            # Flat expert index i * experts_per_group + j; a group's local
-            # token index points into the tokens that group received.
-            group_starts = tf.cumsum(dispatcher.part_sizes, exclusive=True)
-            group_pairs = [routed.pairs() for routed in routed_groups]
-            expert_index = tf.concat(
-                [experts + i * self.experts_per_group
-                 for i, (experts, _, _) in enumerate(group_pairs)], 0
-            )
-            batch_index = tf.gather(
-                dispatcher.batch_index,
-                tf.concat([rows + group_starts[i]
-                           for i, (_, rows, _) in enumerate(group_pairs)], 0),
-            )
-            expert_gates = tf.concat([g for _, _, g in group_pairs], 0)
-            return expert_index, batch_index, expert_gates
+        # The routed (row, expert) pairs by flat expert index
+        # i * experts_per_group + j, then by row (so by token).
+        routed = tf.cast(tf.where(tf.transpose(group_gates) > 0), tf.int32)
+        expert_in_group, row = tf.unstack(routed, num=2, axis=1)
+        by_group = tf.argsort(tf.gather(group_of_row, row), stable=True)
+        expert_in_group = tf.gather(expert_in_group, by_group)
+        row = tf.gather(row, by_group)
+        expert_index = (tf.gather(group_of_row, row) * self.experts_per_group
+                        + expert_in_group)
+        batch_index = tf.gather(token_of_row, row)
+        expert_gates = tf.gather_nd(
+            group_gates, tf.stack([row, expert_in_group], 1))
+        part_sizes = tf.reshape(tf.math.unsorted_segment_sum(
+            tf.cast(group_gates > 0, tf.int32), group_of_row,
+            self.num_groups), [-1])
+        experts = [group.experts for group in self.groups]
+        kernels = [
+            tf.concat([tf.cast(e.kernels[layer], self.compute_dtype)
+                       for e in experts], 0)
+            for layer in range(len(experts[0].kernels))
+        ]
+        # Every group's experts are configured alike.
+        expert_outputs = grouped_feed_forward.grouped_feed_forward(
+            tf.cast(tf.gather(x, batch_index), self.compute_dtype), kernels,
+            part_sizes, experts[0].between_layers,
+        )
+        weighted = expert_outputs * tf.expand_dims(
+            tf.cast(expert_gates, expert_outputs.dtype), 1)
+        outputs = tf.math.unsorted_segment_sum(
+            weighted, batch_index, tf.shape(x)[0])
 
         def dense_gates():
-            expert_index, batch_index, expert_gates = pairs()
             return tf.scatter_nd(
                 tf.stack([batch_index, expert_index], 1),
                 expert_gates,
@@ -1004,13 +1010,45 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
         return Routed(
             outputs=outputs,
             statistics=statistics,
-            part_sizes=tf.concat(
-                [routed.part_sizes for routed in routed_groups], 0
-            ),
-            pairs=pairs,
+            part_sizes=part_sizes,
+            pairs=lambda: (expert_index, batch_index, expert_gates),
             gates=dense_gates,
             dropped_fraction=None,
         )
+
+    def _secondary_gates(self, rows, group_sizes, group_of_row,
+                         token_of_row, training, noise):
+        """Every group's gating on its rows: `(gates, row_load)`, float32
+        `[rows, experts_per_group]`, as each group's `NoisyTopKGating`
+        computes them (`gate_logits`), its matmuls through one
+        `grouped_feed_forward`."""
+        gatings = [group.gating for group in self.groups]
+        rows = tf.cast(rows, tf.float32)
+
+        def logits(kernels):
+            return grouped_feed_forward.grouped_feed_forward(
+                rows, [tf.stack([tf.cast(k, tf.float32) for k in kernels])],
+                group_sizes, lambda layer, z: z,
+            )
+
+        clean_logits = logits([g.gate_kernel for g in gatings])
+        noise_logits = None
+        if self._noisy() and bool(training):
+            noise_logits = logits([g.noise_kernel for g in gatings])
+            if noise is None:
+                # Group i draws from its own stream, for its own rows.
+                noise = tf.concat([
+                    gating.draw_noise(tf.stack([size, self.experts_per_group]))
+                    for gating, size in zip(
+                        gatings, tf.unstack(group_sizes, num=self.num_groups))
+                ], 0)
+            else:
+                # Each routed (token, group) pair reads its own noise row.
+                noise = tf.gather_nd(
+                    tf.cast(noise, tf.float32),
+                    tf.stack([token_of_row, group_of_row], 1))
+        # Every group's gating is configured alike.
+        return gatings[0].gate_logits(rows, clean_logits, noise_logits, noise)
 
     def _balance(self, statistics):
         # The original's rule: each group's load, scaled by how much more

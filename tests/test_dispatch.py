@@ -102,8 +102,11 @@ def test_bad_gates_and_expert_outputs():
 def test_integer_outputs_are_not_weighted_by_truncated_gates():
     dispatcher = keras_moe.SparseDispatcher(3, GATES)
     payload = np.arange(4, dtype=np.int32)[:, None]
-    with pytest.raises(TypeError, match="stitched.dtype=int32"):
+    with pytest.raises(TypeError, match="expert_out.dtype=int32"):
         dispatcher.combine(dispatcher.dispatch(payload))
+    with pytest.raises(TypeError, match="stitched.dtype=int32"):
+        dispatcher.combine_concatenated(
+            dispatcher.dispatch_concatenated(payload))
     # Unweighted, integers are summed as they are.
     summed = dispatcher.combine(dispatcher.dispatch(payload),
                                 multiply_by_gates=False).numpy()[:, 0]

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 import keras_moe
+from graph_size import graph_size
 from numerics import ELEMENTWISE, FORWARD, assert_close
 
 N1, N2, D = 3, 4, 5
@@ -124,6 +125,31 @@ def test_any_rank_and_mask_equal_the_unmasked_rows(training):
     np.testing.assert_array_equal(y.numpy()[~mask], 0.0)
     for key in ("importance", "load", "aux_loss"):
         assert_close(routing[key], kept[key], FORWARD, what=key)
+
+
+def test_graph_size_grows_only_by_each_groups_weights():
+    # All groups are computed at once: the training step's graph does not
+    # depend on experts_per_group (past MAX_UNROLLED_GROUPS experts in all)
+    # and grows with num_groups only by reading each group's weights and
+    # drawing its noise (36 operations a group today).
+    def train_step_size(num_groups, experts_per_group):
+        layer = keras_moe.HierarchicalMixtureOfExperts(
+            num_groups, experts_per_group, hidden_sizes=(4,))
+        layer.build((None, D))
+        x = tf.zeros([8, D])
+
+        def train_step():
+            with tf.GradientTape() as tape:
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(y * y) + tf.add_n(layer.losses)
+            return tape.gradient(loss, layer.trainable_variables)
+
+        return graph_size(train_step)
+
+    four_groups = train_step_size(4, 40)
+    assert train_step_size(4, 120) == four_groups
+    per_group = (train_step_size(8, 40) - four_groups) / 4
+    assert 0 < per_group <= 40, per_group
 
 
 def test_gating_inputs_feed_only_the_primary_gate():
