@@ -8,6 +8,8 @@ is `MixtureOfExperts(E, k=2, hidden_sizes=(16,), dispatch=D)` (flat) or
 `HierarchicalMixtureOfExperts(G, N, k=2, group_k=2, hidden_sizes=(16,))`.
 Reported per configuration:
 
+- `build`: building the layer and the model and compiling it, before
+  `fit` (creating and initializing the experts' weights);
 - `first fit`: the wall time of the first `model.fit` (one epoch, one
   step): tracing the training step, running it once, and fit's set-up;
 - `later epoch`: the median wall time of the epochs of a second `fit`
@@ -284,20 +286,22 @@ def markdown(results):
             _loads(meta["load_before"]), _loads(meta["load_after"]),
             meta["wall_s"]),
         "",
-        "| configuration | layer | dispatch | experts | first fit "
+        "| configuration | layer | dispatch | experts | build | first fit "
         "| later epoch | graph nodes | functions | load (1 min) before / "
         "after |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results["configs"].items():
         ok = r["status"] == "ok"
-        lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
-            name, r["layer"], r["dispatch"], r["experts"],
-            fmt_s(r["first_fit_s"]) if ok else r["status"],
-            fmt_s(r["later_epoch_s"]) if ok else "—",
-            r["graph_nodes"] if ok else "—", r["functions"] if ok else "—",
-            "%.2f / %.2f" % (r["load_before"][0], r["load_after"][0])
-            if r["load_before"] and r["load_after"] else "—"))
+        cells = [name, r["layer"], r["dispatch"], r["experts"],
+                 fmt_s(r["build_s"]) if ok else "—",
+                 fmt_s(r["first_fit_s"]) if ok else r["status"],
+                 fmt_s(r["later_epoch_s"]) if ok else "—",
+                 r["graph_nodes"] if ok else "—",
+                 r["functions"] if ok else "—",
+                 "%.2f / %.2f" % (r["load_before"][0], r["load_after"][0])
+                 if r["load_before"] and r["load_after"] else "—"]
+        lines.append("| %s |" % " | ".join(str(c) for c in cells))
     lines += ["", "Targets (issue 14; information, not assertions):", ""]
     for t in results["targets"]:
         value = ("—" if t["value"] is None else "%.2f%s" % (
