@@ -1,28 +1,25 @@
 """Keras callbacks that show how a model's MoE layers route its tokens:
 per-expert load and importance in TensorBoard, and a heat map of expert load
-over training."""
+over training (drawn by `keras_moe.heatmap`)."""
 
-import math
 import os
-import struct
-import zlib
+import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_moe import validation
+from keras_moe.heatmap import (  # noqa: F401  (public here too)
+    SEPARATOR_HEIGHT,
+    _as_bool,
+    _check_path,
+    _encode_png,
+    save_load_heatmap,
+)
 from keras_moe.moe import HierarchicalMixtureOfExperts, MixtureOfExperts
 
 _MOE_CLASSES = (MixtureOfExperts, HierarchicalMixtureOfExperts)
-
-# The "coolwarm" heat map: blue (idle) -> light grey (fair share) -> red
-# (overloaded), linear in RGB between these anchors at 0, 0.5 and 1.
-_COOLWARM = np.array(
-    [[59, 76, 192], [221, 221, 221], [180, 4, 38]], dtype=np.float64
-)
-_COLORMAPS = ("coolwarm", "gray")
-# Between layers stacked in one heat map: this many rows of black pixels.
-SEPARATOR_HEIGHT = 2
 
 
 class RoutingMonitor(keras.callbacks.Callback):
@@ -44,7 +41,8 @@ class RoutingMonitor(keras.callbacks.Callback):
     - keeps them in `history`;
     - at the end of training, if `heatmap_path` is set, draws a PNG heat map
       of expert load over training (`save_heatmap`): one row per expert,
-      one column per recorded step.
+      one column per recorded step, labelled with the expert numbers, the
+      steps, the layer name and a colour bar.
 
     The histograms are TensorFlow's classic histogram summaries (the ones
     the original `expert_utils.py` wrote with `summaries=True`); they need
@@ -81,7 +79,8 @@ class RoutingMonitor(keras.callbacks.Callback):
             `"importance"` (float32 `[records, num_experts]`).
 
     Raises:
-        ValueError: at construction, for a bad argument; when training
+        TypeError: at construction, for an argument of the wrong type.
+        ValueError: at construction, for a bad value; when training
             begins, if the model has no MoE layer to monitor, or `layers`
             names a layer that is not in the model, is not an MoE layer, or
             was built with `routing_metrics=False`.
@@ -120,21 +119,10 @@ class RoutingMonitor(keras.callbacks.Callback):
         super().__init__()
         self.log_dir = _check_path("log_dir", log_dir)
         self.heatmap_path = _check_path("heatmap_path", heatmap_path)
-        if isinstance(update_freq, bool) or not isinstance(
-            update_freq, (int, np.integer)
-        ) or update_freq < 1:
-            raise ValueError(
-                "`update_freq` must be an int >= 1 (record every "
-                f"`update_freq` training batches). Received: "
-                f"update_freq={update_freq!r}"
-            )
-        self.update_freq = int(update_freq)
-        if not isinstance(per_expert_scalars, (bool, np.bool_)):
-            raise ValueError(
-                "`per_expert_scalars` must be a bool. Received: "
-                f"per_expert_scalars={per_expert_scalars!r}"
-            )
-        self.per_expert_scalars = bool(per_expert_scalars)
+        self.update_freq = validation.check_int("update_freq", update_freq, 1)
+        self.per_expert_scalars = validation.check_bool(
+            "per_expert_scalars", _as_bool(per_expert_scalars)
+        )
         if layers is not None:
             if isinstance(layers, (str, keras.layers.Layer)):
                 layers = [layers]
@@ -144,12 +132,12 @@ class RoutingMonitor(keras.callbacks.Callback):
                     "`layers` must name at least one MoE layer, or be None "
                     "for all of them. Received: layers=[]"
                 )
-            for item in layers:
+            for i, item in enumerate(layers):
                 if not isinstance(item, (str, keras.layers.Layer)):
-                    raise ValueError(
+                    raise TypeError(
                         "`layers` must be a list of MoE layers or layer "
-                        f"names. Received an item {item!r} of type "
-                        f"{type(item).__name__}"
+                        f"names. Received: layers[{i}]={item!r} (of type "
+                        f"{type(item).__name__})"
                     )
         self.layers = layers
         self._monitored = None
@@ -326,21 +314,24 @@ class RoutingMonitor(keras.callbacks.Callback):
         colormap="coolwarm",
         cell_size=(8, 2),
         max_steps=1000,
+        labels=True,
+        renderer="builtin",
     ):
         """Writes a PNG heat map of the recorded expert load over training.
 
         One row of cells per expert, one column per recorded step, left to
         right; with several layers, their maps are stacked top to bottom in
-        model order, `SEPARATOR_HEIGHT` (2) rows of black pixels apart. The
-        colour of a cell is the expert's load relative to the mean load of
-        that step (see `save_load_heatmap`).
+        model order, each under its layer's name. The colour of a cell is
+        the expert's load relative to the mean load of that step (see
+        `save_load_heatmap`); the step axis is labelled with the recorded
+        steps (`history[name]["step"]`).
 
         Args:
             path: the PNG file to write (str or path-like); its directory
                 is created if needed.
             layers: optional list of layer names to draw (default: all
                 recorded layers).
-            vmax, colormap, cell_size, max_steps: as in
+            vmax, colormap, cell_size, max_steps, labels, renderer: as in
                 `save_load_heatmap`.
 
         Returns:
@@ -360,6 +351,11 @@ class RoutingMonitor(keras.callbacks.Callback):
             if isinstance(layers, str):
                 layers = [layers]
             names = list(layers)
+            if not names:
+                raise ValueError(
+                    "`layers` must name at least one recorded layer, or be "
+                    "None for all of them. Received: layers=[]"
+                )
             unknown = [name for name in names if name not in history]
             if unknown:
                 raise ValueError(
@@ -373,207 +369,44 @@ class RoutingMonitor(keras.callbacks.Callback):
             colormap=colormap,
             cell_size=cell_size,
             max_steps=max_steps,
+            labels=labels,
+            steps=history[names[0]]["step"],
+            titles=names,
+            renderer=renderer,
         )
-
-
-def save_load_heatmap(
-    path, load, vmax=2.0, colormap="coolwarm", cell_size=(8, 2),
-    max_steps=None,
-):
-    """Writes a PNG heat map of expert load over steps.
-
-    Each cell shows one expert at one step: its load divided by the mean
-    load of all experts at that step (1.0 is a fair share; 0 for a step
-    with no load at all), scaled by `vmax` and clipped to `[0, 1]`:
-    `v = min(load / mean_load / vmax, 1)`. With the default `vmax=2`,
-    `v = 0.5` is a fair share. `v` is drawn with `colormap`:
-
-    - `"coolwarm"`: blue `(59, 76, 192)` at 0 (idle), light grey
-      `(221, 221, 221)` at 0.5, red `(180, 4, 38)` at 1 (overloaded),
-      linear in RGB in between, rounded to the nearest integer;
-    - `"gray"`: `round(255 * v)`, black = idle, white = overloaded.
-
-    The image has one row of `cell_size[0]` pixels per expert (expert 0 at
-    the top) and one column of `cell_size[1]` pixels per step (the first
-    step on the left): `width = steps * cell_size[1]`, `height =
-    num_experts * cell_size[0]`. Given several load matrices (one per
-    layer, with the same number of steps), their maps are stacked top to
-    bottom, `SEPARATOR_HEIGHT` (2) rows of black pixels apart. The PNG is
-    8-bit RGB (greyscale with `"gray"`), written with `zlib` alone: no
-    plotting library is needed.
-
-    Args:
-        path: the PNG file to write (str or path-like); its directory is
-            created if needed.
-        load: array-like `[steps, num_experts]` of non-negative loads, or a
-            list of such arrays with the same number of steps.
-        vmax: float > 0, the relative load drawn at the top of the scale.
-        colormap: `"coolwarm"` or `"gray"`.
-        cell_size: `(height, width)` in pixels of one cell, ints >= 1.
-        max_steps: optional int >= 1. With more steps than this, consecutive
-            steps are averaged (relative loads, in `max_steps` nearly equal
-            groups, as `numpy.array_split` makes them) so the image is at
-            most `max_steps` cells wide.
-
-    Returns:
-        The image as a uint8 array `(height, width, 3)` (`(height, width)`
-        with `"gray"`).
-
-    Example:
-
-    >>> import os, tempfile
-    >>> path = os.path.join(tempfile.mkdtemp(), "load.png")
-    >>> image = save_load_heatmap(path, [[2.0, 2.0], [4.0, 0.0]],
-    ...                           colormap="gray", cell_size=(1, 1))
-    >>> image.tolist()        # rows: experts; columns: steps
-    [[128, 255], [128, 0]]
-    """
-    if isinstance(load, (list, tuple)) and load and np.ndim(load[0]) == 2:
-        matrices = list(load)  # one matrix per layer
-    else:
-        matrices = [load]
-    if isinstance(vmax, bool) or not isinstance(
-        vmax, (int, float, np.integer, np.floating)
-    ) or not vmax > 0 or not math.isfinite(vmax):
-        raise ValueError(
-            f"`vmax` must be a finite number > 0. Received: vmax={vmax!r}"
-        )
-    if colormap not in _COLORMAPS:
-        raise ValueError(
-            f"`colormap` must be one of {_COLORMAPS}. Received: "
-            f"colormap={colormap!r}"
-        )
-    if (
-        not isinstance(cell_size, (list, tuple))
-        or len(cell_size) != 2
-        or any(isinstance(c, bool) or not isinstance(c, (int, np.integer))
-               or c < 1 for c in cell_size)
-    ):
-        raise ValueError(
-            "`cell_size` must be a pair of ints >= 1, (height, width) in "
-            f"pixels. Received: cell_size={cell_size!r}"
-        )
-    if max_steps is not None and (
-        isinstance(max_steps, bool)
-        or not isinstance(max_steps, (int, np.integer))
-        or max_steps < 1
-    ):
-        raise ValueError(
-            f"`max_steps` must be None or an int >= 1. Received: "
-            f"max_steps={max_steps!r}"
-        )
-    levels = []
-    for index, matrix in enumerate(matrices):
-        matrix = np.asarray(matrix, dtype=np.float64)
-        name = "load" if len(matrices) == 1 else f"load[{index}]"
-        if matrix.ndim != 2 or matrix.shape[0] < 1 or matrix.shape[1] < 1:
-            raise ValueError(
-                f"`{name}` must be a non-empty 2-D array [steps, "
-                f"num_experts]. Received: shape {matrix.shape}"
-            )
-        if not np.all(np.isfinite(matrix)) or np.any(matrix < 0):
-            raise ValueError(
-                f"`{name}` must hold finite loads >= 0. Received: min "
-                f"{np.min(matrix)}, max {np.max(matrix)}"
-            )
-        if matrix.shape[0] != np.shape(matrices[0])[0]:
-            raise ValueError(
-                "All load matrices must have the same number of steps. "
-                f"Received: {[np.shape(m)[0] for m in matrices]}"
-            )
-        mean = matrix.mean(axis=1, keepdims=True)
-        relative = np.divide(matrix, mean, out=np.zeros_like(matrix),
-                             where=mean > 0)
-        if max_steps is not None and relative.shape[0] > max_steps:
-            relative = np.stack(
-                [chunk.mean(axis=0)
-                 for chunk in np.array_split(relative, max_steps)]
-            )
-        levels.append(np.minimum(relative / vmax, 1.0).T)  # [experts, steps]
-
-    height, width = cell_size
-    channels = () if colormap == "gray" else (3,)
-    blocks = []
-    for i, level in enumerate(levels):
-        if i:
-            blocks.append(np.zeros(
-                (SEPARATOR_HEIGHT, level.shape[1] * width) + channels,
-                np.uint8))
-        pixels = _colorize(level, colormap)
-        pixels = np.repeat(np.repeat(pixels, height, axis=0), width, axis=1)
-        blocks.append(pixels)
-    image = np.concatenate(blocks, axis=0)
-    path = os.fspath(path)
-    directory = os.path.dirname(path)
-    if directory:
-        tf.io.gfile.makedirs(directory)
-    with tf.io.gfile.GFile(path, "wb") as f:
-        f.write(encode_png(image))
-    return image
-
-
-def _colorize(level, colormap):
-    """uint8 pixels for levels in [0, 1]: `[h, w]` gray or `[h, w, 3]`."""
-    if colormap == "gray":
-        return np.round(255.0 * level).astype(np.uint8)
-    # Piecewise linear between the anchors at 0, 0.5 and 1.
-    position = level * (len(_COOLWARM) - 1)
-    lower = np.minimum(np.floor(position).astype(int), len(_COOLWARM) - 2)
-    fraction = (position - lower)[..., None]
-    rgb = (_COOLWARM[lower] * (1.0 - fraction)
-           + _COOLWARM[lower + 1] * fraction)
-    return np.round(rgb).astype(np.uint8)
 
 
 def encode_png(pixels):
-    """The bytes of a PNG file holding `pixels`.
+    """Deprecated: the bytes of a PNG file holding `pixels`, from
+    `tf.io.encode_png`; call `tf.io.encode_png` instead.
 
     Args:
         pixels: uint8 array `(height, width)` (8-bit greyscale) or
             `(height, width, 3)` (8-bit RGB), height and width >= 1.
 
     Returns:
-        `bytes`: the signature, `IHDR`, one zlib-compressed `IDAT` (each
-        scanline with filter type 0) and `IEND`.
+        `bytes`, the PNG file.
     """
-    pixels = np.asarray(pixels)
-    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or (
-        pixels.ndim == 3 and pixels.shape[2] != 3
-    ) or pixels.shape[0] < 1 or pixels.shape[1] < 1:
-        raise ValueError(
-            "`pixels` must be a non-empty uint8 array (height, width) or "
-            f"(height, width, 3). Received: dtype {pixels.dtype}, shape "
-            f"{pixels.shape}"
+    warnings.warn(
+        "`keras_moe.callbacks.encode_png` is deprecated: use "
+        "`tf.io.encode_png` (the heat maps are encoded with it).",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    array = np.asarray(pixels)
+    if array.dtype != np.uint8:
+        raise TypeError(
+            "`pixels` must be a uint8 array. Received: pixels with dtype "
+            f"{array.dtype}"
         )
-    height, width = pixels.shape[:2]
-    color_type = 0 if pixels.ndim == 2 else 2
-    rows = np.ascontiguousarray(pixels).reshape(height, -1)
-    raw = np.concatenate(
-        [np.zeros((height, 1), np.uint8), rows], axis=1
-    ).tobytes()
-
-    def chunk(kind, data):
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    return b"".join([
-        b"\x89PNG\r\n\x1a\n",
-        chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type,
-                                   0, 0, 0)),
-        chunk(b"IDAT", zlib.compress(raw, 9)),
-        chunk(b"IEND", b""),
-    ])
-
-
-def _check_path(name, value):
-    if value is None:
-        return None
-    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+    if array.ndim not in (2, 3) or (
+        array.ndim == 3 and array.shape[2] != 3
+    ) or 0 in array.shape[:2]:
         raise ValueError(
-            f"`{name}` must be a non-empty path (str or path-like) or None. "
-            f"Received: {name}={value!r}"
+            "`pixels` must be a non-empty array (height, width) or "
+            f"(height, width, 3). Received: pixels.shape={array.shape}"
         )
-    return value
+    return _encode_png(array)
 
 
 def _to_numpy(variable, dtype=np.float32):

@@ -1,13 +1,13 @@
 """keras_moe.callbacks.RoutingMonitor: TensorBoard histograms of per-expert
 load and importance at increasing steps, read back from the event files and
 checked against the layer's own routing of each batch; the PNG heat map,
-decoded and checked pixel by pixel; and its errors."""
+decoded by `tf.io.decode_png` and checked pixel by pixel; and its errors.
+The heat map's labels are checked in test_heatmap.py."""
 
 import doctest
 import glob
 import os
-import struct
-import zlib
+import warnings
 
 import keras
 import numpy as np
@@ -20,6 +20,7 @@ from strategies import mirrored
 from keras_moe import callbacks
 from keras_moe.callbacks import RoutingMonitor, save_load_heatmap
 from numerics import FORWARD, assert_close
+from test_heatmap import _find, _find_text
 
 NUM_EXPERTS = 5
 BATCH = 16
@@ -85,30 +86,11 @@ def _read_events(log_dir):
 
 
 def _decode_png(data):
-    """`(width, height, color_type, pixels)` of an 8-bit, non-interlaced
-    PNG written with filter type 0; checks the signature and every CRC."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
-    pos, chunks = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind = data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, f"bad CRC: {kind}"
-        chunks.append((kind, body))
-        pos += 12 + length
-    assert pos == len(data)
-    assert chunks[0][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
-    width, height, depth, color_type, compression, filtering, interlace = (
-        struct.unpack(">IIBBBBB", chunks[0][1]))
-    assert (depth, compression, filtering, interlace) == (8, 0, 0, 0)
-    channels = {0: 1, 2: 3}[color_type]
-    raw = zlib.decompress(b"".join(b for k, b in chunks if k == b"IDAT"))
-    rows = np.frombuffer(raw, np.uint8).reshape(height, 1 + width * channels)
-    assert np.all(rows[:, 0] == 0), "expected filter type 0 on every row"
-    pixels = rows[:, 1:].reshape((height, width) + ((3,) if channels == 3
-                                                     else ()))
-    return width, height, color_type, pixels
+    """`(channels, pixels)` of a PNG file, decoded by TensorFlow; pixels
+    `[h, w]` for greyscale, `[h, w, 3]` for RGB."""
+    pixels = tf.io.decode_png(data).numpy()
+    channels = pixels.shape[-1]
+    return channels, pixels[..., 0] if channels == 1 else pixels
 
 
 @pytest.fixture(scope="module")
@@ -177,17 +159,29 @@ def test_history_holds_steps_load_and_importance(trained):
 def test_heatmap_written_at_train_end_is_a_valid_png(trained):
     path = trained["out"] / "figures" / "load.png"
     assert path.exists()
-    width, height, color_type, pixels = _decode_png(path.read_bytes())
-    steps = NUM_BATCHES * EPOCHS
-    assert (width, height, color_type) == (steps * 2, NUM_EXPERTS * 8, 2)
-    # Cell (expert i, step t) is load / mean load / 2 on the colormap.
-    loads = trained["monitor"].history["moe"]["load"]
-    expected = save_load_heatmap(trained["out"] / "again.png", loads,
-                                 cell_size=(8, 2))
+    channels, pixels = _decode_png(path.read_bytes())
+    assert channels == 3
+    # The labelled map of the recorded load relative to each step's mean,
+    # its steps the optimizer iterations, its title the layer name.
+    history = trained["monitor"].history["moe"]
+    expected = save_load_heatmap(trained["out"] / "again.png",
+                                 history["load"], cell_size=(8, 2),
+                                 steps=history["step"], titles="moe")
     np.testing.assert_array_equal(pixels, expected)
+    steps = NUM_BATCHES * EPOCHS
+    bare = save_load_heatmap(trained["out"] / "bare.png", history["load"],
+                             labels=False)
+    assert bare.shape == (NUM_EXPERTS * 8, steps * 2, 3)
+    [(top, left)] = _find(pixels, bare)
+    [(y, x)] = _find_text(pixels, "moe")
+    assert y < top
+    assert any(y > top + bare.shape[0] for y, _ in _find_text(pixels, "1"))
     # save_heatmap draws the same on demand.
     image = trained["monitor"].save_heatmap(trained["out"] / "demand.png")
     np.testing.assert_array_equal(image, expected)
+    image = trained["monitor"].save_heatmap(trained["out"] / "bare2.png",
+                                            labels=False)
+    np.testing.assert_array_equal(image, bare)
 
 
 def test_hierarchical_layer_every_other_batch(tmp_path):
@@ -243,9 +237,10 @@ def test_heatmap_encodes_a_hand_built_load_matrix(tmp_path):
                      [1.0, 3.0, 4.0, 0.0],
                      [0.0, 0.0, 0.0, 0.0]])    # nothing routed
     path = tmp_path / "gray.png"
-    image = save_load_heatmap(path, load, colormap="gray", cell_size=(1, 1))
-    width, height, color_type, pixels = _decode_png(path.read_bytes())
-    assert (width, height, color_type) == (4, 4, 0)
+    image = save_load_heatmap(path, load, colormap="gray", cell_size=(1, 1),
+                              labels=False)
+    channels, pixels = _decode_png(path.read_bytes())
+    assert (channels, pixels.shape) == (1, (4, 4))
     expected = [[128, 255, 64, 0],     # expert 0 over the 4 steps
                 [128, 0, 191, 0],
                 [128, 0, 255, 0],
@@ -255,15 +250,16 @@ def test_heatmap_encodes_a_hand_built_load_matrix(tmp_path):
 
     # vmax moves the top of the scale: vmax=4, load/mean = 4 -> 255.
     image = save_load_heatmap(tmp_path / "vmax.png", load, vmax=4.0,
-                              colormap="gray", cell_size=(1, 1))
+                              colormap="gray", cell_size=(1, 1),
+                              labels=False)
     np.testing.assert_array_equal(image[:, 1], [255, 0, 0, 0])
     np.testing.assert_array_equal(image[:, 0], [64, 64, 64, 64])
 
     # coolwarm, 3 x 2 pixel cells.
     path = tmp_path / "color.png"
-    save_load_heatmap(path, load, cell_size=(3, 2))
-    width, height, color_type, pixels = _decode_png(path.read_bytes())
-    assert (width, height, color_type) == (4 * 2, 4 * 3, 2)
+    save_load_heatmap(path, load, cell_size=(3, 2), labels=False)
+    channels, pixels = _decode_png(path.read_bytes())
+    assert (channels, pixels.shape) == (3, (4 * 3, 4 * 2, 3))
     cells = pixels[::3, ::2]
     np.testing.assert_array_equal(np.repeat(np.repeat(cells, 3, 0), 2, 1),
                                   pixels)
@@ -279,7 +275,7 @@ def test_heatmap_stacks_layers_and_averages_steps(tmp_path):
     a = np.array([[1.0, 1.0], [2.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
     b = np.array([[3.0, 0.0, 0.0]] * 4)
     image = save_load_heatmap(tmp_path / "two.png", [a, b], colormap="gray",
-                              cell_size=(1, 1))
+                              cell_size=(1, 1), labels=False)
     assert image.shape == (2 + callbacks.SEPARATOR_HEIGHT + 3, 4)
     np.testing.assert_array_equal(image[:2], [[128, 255, 0, 128],
                                               [128, 0, 255, 128]])
@@ -287,37 +283,60 @@ def test_heatmap_stacks_layers_and_averages_steps(tmp_path):
     np.testing.assert_array_equal(image[4:], [[255] * 4, [0] * 4, [0] * 4])
     # 4 steps drawn as 2 columns: relative loads averaged over pairs.
     image = save_load_heatmap(tmp_path / "avg.png", a, colormap="gray",
-                              cell_size=(1, 1), max_steps=2)
+                              cell_size=(1, 1), max_steps=2, labels=False)
     np.testing.assert_array_equal(image, [[191, 64], [64, 191]])
 
 
-def test_encode_png_rejects_bad_pixels():
-    with pytest.raises(ValueError, match="pixels"):
-        callbacks.encode_png(np.zeros((2, 2), np.float32))
-    with pytest.raises(ValueError, match="pixels"):
-        callbacks.encode_png(np.zeros((2, 2, 4), np.uint8))
+def test_encode_png_is_a_deprecated_alias_of_tf_io_encode_png():
+    pixels = np.arange(24, dtype=np.uint8).reshape(2, 4, 3)
+    with pytest.warns(DeprecationWarning, match="tf.io.encode_png"):
+        data = callbacks.encode_png(pixels)
+    np.testing.assert_array_equal(tf.io.decode_png(data).numpy(), pixels)
+    with pytest.warns(DeprecationWarning):
+        data = callbacks.encode_png(pixels[..., 0])
+    np.testing.assert_array_equal(tf.io.decode_png(data).numpy()[..., 0],
+                                  pixels[..., 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with pytest.raises(TypeError, match="pixels with dtype float32"):
+            callbacks.encode_png(np.zeros((2, 2), np.float32))
+        with pytest.raises(ValueError,
+                           match=r"Received: pixels.shape=\(2, 2, 4\)"):
+            callbacks.encode_png(np.zeros((2, 2, 4), np.uint8))
 
 
-@pytest.mark.parametrize("update_freq", [0, -1, 1.5, True, "epoch", None])
-def test_bad_update_freq(update_freq):
-    with pytest.raises(ValueError, match="update_freq"):
+@pytest.mark.parametrize("update_freq, error", [
+    (0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError),
+    ("epoch", TypeError), (None, TypeError),
+])
+def test_bad_update_freq(update_freq, error):
+    with pytest.raises(error, match=f"Received: update_freq={update_freq!r}"
+                       .replace("(", r"\(").replace(".", r"\.")):
         RoutingMonitor(update_freq=update_freq)
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, error, match",
     [
-        ({"log_dir": 3}, "log_dir"),
-        ({"log_dir": ""}, "log_dir"),
-        ({"heatmap_path": ["a.png"]}, "heatmap_path"),
-        ({"layers": []}, "layers"),
-        ({"layers": [3]}, "layers"),
-        ({"per_expert_scalars": "yes"}, "per_expert_scalars"),
+        ({"log_dir": 3}, TypeError, "Received: log_dir=3"),
+        ({"log_dir": ""}, ValueError, "Received: log_dir=''"),
+        ({"heatmap_path": ["a.png"]}, TypeError,
+         r"Received: heatmap_path=\['a.png'\]"),
+        ({"layers": []}, ValueError, r"Received: layers=\[\]"),
+        ({"layers": [3]}, TypeError, r"Received: layers\[0\]=3"),
+        ({"per_expert_scalars": "yes"}, TypeError,
+         "Received: per_expert_scalars='yes'"),
     ],
 )
-def test_bad_constructor_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_constructor_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
         RoutingMonitor(**kwargs)
+
+
+def test_numpy_arguments_are_accepted():
+    monitor = RoutingMonitor(update_freq=np.int64(3),
+                             per_expert_scalars=np.bool_(True))
+    assert monitor.update_freq == 3 and monitor.per_expert_scalars is True
 
 
 def _fit_with(model, monitor):
@@ -383,21 +402,14 @@ def test_save_heatmap_errors(tmp_path):
     monitor = RoutingMonitor()
     with pytest.raises(ValueError, match="recorded nothing"):
         monitor.save_heatmap(tmp_path / "x.png")
-    with pytest.raises(ValueError, match="vmax"):
-        save_load_heatmap(tmp_path / "x.png", [[1.0]], vmax=0)
-    with pytest.raises(ValueError, match="colormap"):
-        save_load_heatmap(tmp_path / "x.png", [[1.0]], colormap="jet")
-    with pytest.raises(ValueError, match="cell_size"):
-        save_load_heatmap(tmp_path / "x.png", [[1.0]], cell_size=(0, 1))
-    with pytest.raises(ValueError, match="max_steps"):
-        save_load_heatmap(tmp_path / "x.png", [[1.0]], max_steps=0)
-    with pytest.raises(ValueError, match="finite loads >= 0"):
-        save_load_heatmap(tmp_path / "x.png", [[1.0, -1.0]])
-    with pytest.raises(ValueError, match="2-D"):
-        save_load_heatmap(tmp_path / "x.png", [1.0, 2.0])
-    with pytest.raises(ValueError, match="same number of steps"):
-        save_load_heatmap(tmp_path / "x.png",
-                          [np.ones((2, 3)), np.ones((3, 3))])
+    monitor._records = {"moe": {"step": [1], "load": [[1.0, 2.0]],
+                                "importance": [[1.0, 2.0]]}}
+    with pytest.raises(ValueError, match=r"Received: layers=\[\]"):
+        monitor.save_heatmap(tmp_path / "x.png", layers=[])
+    with pytest.raises(ValueError, match=r"\['other'\] were not recorded"):
+        monitor.save_heatmap(tmp_path / "x.png", layers="other")
+    with pytest.raises(TypeError, match="Received: renderer=3"):
+        monitor.save_heatmap(tmp_path / "x.png", renderer=3)
     assert not (tmp_path / "x.png").exists()
 
 

@@ -8,12 +8,12 @@ import pytest
 
 from keras_moe import (
     balance, callbacks, dispatch, experts, gating, grouped_feed_forward,
-    introspection, moe, xla,
+    heatmap, introspection, moe, xla,
 )
 
 MODULES = [
     balance, callbacks, dispatch, experts, gating, grouped_feed_forward,
-    introspection, moe, xla,
+    heatmap, introspection, moe, xla,
 ]
 
 
