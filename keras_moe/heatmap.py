@@ -323,7 +323,7 @@ def _labelled_map(levels, steps, titles, vmax, colormap, cell_size):
     title_width = max(_text_width(t) for t in titles) if titles else 0
     bar_x = 1 + max(
         x0 + map_width + 1 + max(3 * _GAP, label_width // 2 + 2 * _GAP),
-        x0 + title_width + 2 * _GAP,
+        x0 + 3 * _ADVANCE + title_width,
     )
     bar_height = max(bottom - top, 2 * _TEXT_HEIGHT + _GAP)
     bar_values = [(0.0, bar_height - 1, "0")]
@@ -345,8 +345,9 @@ def _labelled_map(levels, steps, titles, vmax, colormap, cell_size):
                - _text_width(EXPERT_LABEL), _MARGIN)
     _draw_text(image, SCALE_LABEL, bar_x, _MARGIN)
     for i, (level, y) in enumerate(zip(levels, tops)):
-        if titles is not None:   # centred over the map, where it fits
-            title_x = x0 + max(map_width - _text_width(titles[i]), 0) // 2
+        if titles is not None:   # centred over the map, apart from EXPERT
+            title_x = max(x0 + (map_width - _text_width(titles[i])) // 2,
+                          x0 + _ADVANCE)
             _draw_text(image, titles[i], title_x,
                        y - 1 - _GAP - _TEXT_HEIGHT)
         pixels = _cells(level, colormap, cell_size)
