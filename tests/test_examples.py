@@ -63,5 +63,7 @@ def test_inspect_routing_quick(tmp_path):
     png = (tmp_path / "load_heatmap.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
-    assert (width, height) == (16 * 2, 4 * 8)   # steps x experts, 2x8 cells
+    # The steps x experts cells (2 x 8 pixels each), with the axes' labels
+    # and the colour bar around them (tests/test_heatmap.py: the layout).
+    assert width > 16 * 2 and height > 4 * 8, (width, height)
     assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
