@@ -95,25 +95,24 @@ def _inputs(part_sizes, sizes, dtype="float32", seed=0):
     return x, kernels, tf.constant(part_sizes, tf.int32)
 
 
+def _use_loops(monkeypatch):
+    """The loops over groups (many groups) for any number of groups, here 3
+    groups a step and the rest one by one, so that both loops run."""
+    monkeypatch.setattr(grouped_module, "MAX_UNROLLED_GROUPS", 0)
+    monkeypatch.setattr(grouped_module, "GROUPS_PER_STEP", 3)
+
+
 @pytest.fixture(params=["unrolled", "looped"])
 def graph_form(request, monkeypatch):
     """Both graphs of `grouped_feed_forward`: one matmul per group written
-    into the graph (few groups), and the loops over groups (many groups),
-    here 3 groups a step and the rest one by one, so that both loops run."""
+    into the graph (few groups), and the loops over groups."""
     if request.param == "looped":
-        monkeypatch.setattr(grouped_module, "MAX_UNROLLED_GROUPS", 0)
-        monkeypatch.setattr(grouped_module, "GROUPS_PER_STEP", 3)
+        _use_loops(monkeypatch)
     return request.param
 
 
-@pytest.mark.parametrize("part_sizes", PART_SIZES)
-@pytest.mark.parametrize("between", sorted(BETWEEN))
-@pytest.mark.parametrize(
-    "small_group_rows", [-1, 1000], ids=["autodiff_forms", "small_forms"]
-)
-@pytest.mark.parametrize("traced", [False, True], ids=["eager", "function"])
-def test_matches_autodiff(part_sizes, between, small_group_rows, traced,
-                          graph_form, monkeypatch):
+def _check_matches_autodiff(part_sizes, between, small_group_rows, traced,
+                            monkeypatch):
     # The row limit picks the backward form: -1 always autodiff's, 1000
     # always the small-group one (padded batched kernel gradient,
     # untransposed input gradient).
@@ -130,6 +129,32 @@ def test_matches_autodiff(part_sizes, between, small_group_rows, traced,
     if traced:
         ours, reference = tf.function(ours), tf.function(reference)
     _assert_same(ours, reference, x, kernels)
+
+
+@pytest.mark.parametrize("part_sizes", PART_SIZES)
+@pytest.mark.parametrize("between", sorted(BETWEEN))
+@pytest.mark.parametrize(
+    "small_group_rows", [-1, 1000], ids=["autodiff_forms", "small_forms"]
+)
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "function"])
+def test_matches_autodiff(part_sizes, between, small_group_rows, traced,
+                          monkeypatch):
+    _check_matches_autodiff(part_sizes, between, small_group_rows, traced,
+                            monkeypatch)
+
+
+# The loops over groups trace slowly: every backward form, on empty,
+# one-row and large groups, with the deepest stack of layers.
+@pytest.mark.parametrize("part_sizes", PART_SIZES[:3])
+@pytest.mark.parametrize(
+    "small_group_rows", [-1, 1000], ids=["autodiff_forms", "small_forms"]
+)
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "function"])
+def test_looped_matches_autodiff(part_sizes, small_group_rows, traced,
+                                 monkeypatch):
+    _use_loops(monkeypatch)
+    _check_matches_autodiff(part_sizes, "gelu_3_layers", small_group_rows,
+                            traced, monkeypatch)
 
 
 def test_empty_group_gets_zero_kernel_gradient(graph_form):
