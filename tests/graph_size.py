@@ -19,3 +19,17 @@ def graph_size(fn):
     for function in graph.library.function:
         nodes.extend(function.node_def)
     return sum(node.op not in INPUT_OPS for node in nodes)
+
+
+def training_step_size(layer, input_dim, rows=8):
+    """`graph_size` of a training step of a built MoE layer (forward, its
+    balancing loss, the gradients of its weights) on `[rows, input_dim]`."""
+    x = tf.zeros([rows, input_dim])
+
+    def train_step():
+        with tf.GradientTape() as tape:
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * y) + tf.add_n(layer.losses)
+        return tape.gradient(loss, layer.trainable_variables)
+
+    return graph_size(train_step)
