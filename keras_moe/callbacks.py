@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_moe import validation
+from keras_moe import private_hooks, validation
 from keras_moe.heatmap import (  # noqa: F401  (public here too)
     SEPARATOR_HEIGHT,
     _as_bool,
@@ -168,8 +168,7 @@ class RoutingMonitor(keras.callbacks.Callback):
                 "callbacks=[...])` or call `set_model` first."
             )
         all_layers = _unique(
-            [model] + list(model._flatten_layers(include_self=False,
-                                                 recursive=True))
+            [model] + private_hooks.all_sublayers(model)
         )
         moe_layers = [
             layer for layer in all_layers if isinstance(layer, _MOE_CLASSES)

@@ -4,7 +4,7 @@
 import keras
 import tensorflow as tf
 
-from keras_moe import initialization, validation, xla
+from keras_moe import initialization, private_hooks, validation, xla
 
 
 def shard_rows(input_dim, num_shards, shard):
@@ -194,14 +194,11 @@ class ShardedEmbedding(keras.layers.Layer):
         self.autocast = False
 
     def build(self, input_shape=None):
+        shards = []
         for s in range(self.num_shards):
             device = self.shard_devices[s] if self.shard_devices else None
             with tf.device(device):
-                # One attribute per shard, not a list: tf.train.Checkpoint
-                # does not follow Keras's tracked lists.
-                setattr(
-                    self,
-                    f"shard_{s}",
+                shards.append(
                     self.add_weight(
                         name=f"shard_{s}",
                         shape=(
@@ -216,8 +213,9 @@ class ShardedEmbedding(keras.layers.Layer):
                         regularizer=self.embeddings_regularizer,
                         constraint=self.embeddings_constraint,
                         autocast=False,
-                    ),
+                    )
                 )
+        private_hooks.set_checkpointable_list(self, "shard", shards)
 
     def __call__(self, inputs, *args, **kwargs):
         # Ids of any shape, of unknown rank too: the table does not depend
@@ -235,7 +233,9 @@ class ShardedEmbedding(keras.layers.Layer):
         """The `num_shards` shard variables (None before `build`)."""
         if not hasattr(self, "shard_0"):
             return None
-        return [getattr(self, f"shard_{s}") for s in range(self.num_shards)]
+        return private_hooks.checkpointable_list(
+            self, "shard", self.num_shards
+        )
 
     def shard_values(self):
         """The shards as TensorFlow values (variables when they are), to

@@ -4,7 +4,9 @@
 import keras
 import tensorflow as tf
 
-from keras_moe import grouped_feed_forward, initialization, validation
+from keras_moe import (
+    grouped_feed_forward, initialization, private_hooks, validation,
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -101,18 +103,14 @@ class FeedForwardExperts(keras.layers.Layer):
                 zip(self.layer_sizes[:-1], self.layer_sizes[1:])
             )
         ]
-        # One attribute per kernel, not a list: tf.train.Checkpoint does
-        # not follow Keras's tracked lists.
-        for layer, kernel in enumerate(kernels):
-            setattr(self, f"kernel_{layer}", kernel)
+        private_hooks.set_checkpointable_list(self, "kernel", kernels)
 
     @property
     def kernels(self):
         """`kernels[l]`: layer `l` of every expert, `[num_experts, in, out]`."""
-        return [
-            getattr(self, f"kernel_{layer}")
-            for layer in range(len(self.layer_sizes) - 1)
-        ]
+        return private_hooks.checkpointable_list(
+            self, "kernel", len(self.layer_sizes) - 1
+        )
 
     def call(self, inputs, part_sizes=None):
         x = validation.check_float_tensor("inputs", inputs)

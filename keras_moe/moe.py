@@ -4,12 +4,13 @@ as Keras layers."""
 
 import collections
 import math
-import threading
 
 import keras
 import tensorflow as tf
 
-from keras_moe import balance, grouped_feed_forward, validation, xla
+from keras_moe import (
+    balance, grouped_feed_forward, private_hooks, validation, xla,
+)
 from keras_moe.dispatch import CapacityDispatcher, SparseDispatcher
 from keras_moe.experts import FeedForwardExperts
 from keras_moe.gating import NoisyTopKGating
@@ -26,15 +27,6 @@ Routed = collections.namedtuple(
     ["outputs", "statistics", "part_sizes", "pairs", "gates",
      "dropped_fraction"],
 )
-
-
-def _in_replica_thread():
-    """Whether this code runs in a replica function of a `tf.distribute`
-    strategy (the threads MirroredStrategy runs its replicas in)."""
-    return (
-        tf.distribute.has_strategy()
-        and not tf.distribute.in_cross_replica_context()
-    )
 
 
 class _SparseMixtureBase(keras.layers.Layer):
@@ -83,30 +75,9 @@ class _SparseMixtureBase(keras.layers.Layer):
         # float16 first. The experts autocast their own kernels.
         self.autocast = False
 
-    # Keras keeps `add_loss` terms in one list per layer. Under
-    # MirroredStrategy the replicas run `call` in parallel threads and
-    # pause inside it (the cross-replica all-reduce, metric updates), so
-    # one replica would clear or read another's losses: inside a replica
-    # function of a strategy (`strategy.run`, `fit` under a strategy), the
-    # list is per thread. Anywhere else it is the one list of the layer, as
-    # for Keras's own layers: a loss added in one thread shows in
-    # `layer.losses` in every other.
-    @property
-    def _losses(self):
-        if not _in_replica_thread():
-            return self.__dict__.setdefault("_shared_losses", [])
-        local = self.__dict__.setdefault("_thread_losses", threading.local())
-        if not hasattr(local, "losses"):
-            local.losses = []
-        return local.losses
-
-    @_losses.setter
-    def _losses(self, value):
-        if not _in_replica_thread():
-            self.__dict__["_shared_losses"] = list(value)
-            return
-        local = self.__dict__.setdefault("_thread_losses", threading.local())
-        local.losses = list(value)
+    # `add_loss` terms kept per replica thread under a strategy (see
+    # `private_hooks.replica_thread_losses`).
+    _losses = private_hooks.replica_thread_losses
 
     def __call__(self, inputs, *args, **kwargs):
         validation.check_known_rank("inputs", inputs)
@@ -880,17 +851,17 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             )
             for i in range(num_groups)
         ]
-        # One attribute per group, not a list: tf.train.Checkpoint does
-        # not follow Keras's tracked lists.
-        for i, group in enumerate(groups):
+        for group in groups:
             # The groups keep no statistics: this layer keeps the whole's.
             group._keeps_statistics = False
-            setattr(self, f"group_{i}", group)
+        private_hooks.set_checkpointable_list(self, "group", groups)
 
     @property
     def groups(self):
         """The `num_groups` `MixtureOfExperts` of the second level."""
-        return [getattr(self, f"group_{i}") for i in range(self.num_groups)]
+        return private_hooks.checkpointable_list(
+            self, "group", self.num_groups
+        )
 
     @property
     def num_groups(self):

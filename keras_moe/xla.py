@@ -1,12 +1,9 @@
 """Whether TensorFlow is tracing a function for XLA, where assertion ops do
 not run and every shape must be static."""
 
-import tensorflow as tf
+import tensorflow as tf  # noqa: F401 (the doctests use it)
 
-try:  # TensorFlow's own test for "being traced for XLA"; private.
-    from tensorflow.python.ops import control_flow_util
-except ImportError:  # pragma: no cover - a TensorFlow that moved it
-    control_flow_util = None
+from keras_moe import private_hooks
 
 
 def maybe_tracing_for_xla():
@@ -22,13 +19,7 @@ def maybe_tracing_for_xla():
     ...                  jit_compile=True)())
     True
     """
-    if control_flow_util is None:
-        return True
-    return bool(
-        control_flow_util.GraphOrParentsInXlaContext(
-            tf.compat.v1.get_default_graph()
-        )
-    )
+    return private_hooks.xla_tracing() is not False
 
 
 def surely_tracing_for_xla():
@@ -41,7 +32,7 @@ def surely_tracing_for_xla():
     >>> surely_tracing_for_xla()
     False
     """
-    return control_flow_util is not None and maybe_tracing_for_xla()
+    return private_hooks.xla_tracing() is True
 
 
 def check_not_xla(what, instead):

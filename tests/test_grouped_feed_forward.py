@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from keras_moe import grouped_feed_forward as grouped_module
-from keras_moe import xla
+from keras_moe import private_hooks
 from keras_moe.grouped_feed_forward import (
     grouped_feed_forward,
     slab_feed_forward,
@@ -304,7 +304,7 @@ def test_slabs_run_as_groups_on_cpu_but_batched_under_xla():
 
 
 def test_slabs_batched_when_xla_tracing_cannot_be_detected(monkeypatch):
-    monkeypatch.setattr(xla, "control_flow_util", None)
+    monkeypatch.setattr(private_hooks, "control_flow_util", None)
     assert not grouped_module._slabs_as_groups()
 
 

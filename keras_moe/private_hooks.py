@@ -1,0 +1,114 @@
+"""Every private Keras/TensorFlow hook keras_moe needs, in one place.
+
+Public APIs come first; each hook below is here because none does the job.
+`tests/test_private_hooks.py` checks every one of them against the installed
+Keras and TensorFlow and fails, naming the hook and the versions, when an
+upgrade moves or changes it.
+
+- `control_flow_util.GraphOrParentsInXlaContext` (TensorFlow,
+  `tensorflow.python.ops`): whether a function is being traced for XLA
+  (`jit_compile=True`). No public API tells; keras_moe uses it to take the
+  static-shape path under XLA and to refuse, with a clear error, what does
+  not compile. If it moves, `xla_tracing()` answers None ("cannot tell"):
+  `keras_moe.xla` then takes the choice that is right under XLA too and
+  refuses nothing.
+- `Layer._losses` (Keras): the list `add_loss` appends to, `Layer.losses`
+  reads and `__call__` clears. `replica_thread_losses` replaces it with one
+  list per replica thread under a `tf.distribute` strategy; Keras offers no
+  way to keep `add_loss` terms apart for MirroredStrategy's replica threads,
+  which run one layer's `call` in parallel. If it moves, the override is
+  never read: losses of one replica can be cleared or read by another.
+- `Layer._flatten_layers` (Keras): every sublayer of a model, nested ones
+  included. `Model.layers` lists only the top level. If it moves,
+  `all_sublayers` raises AttributeError.
+- One attribute per tracked object, not a list (TensorFlow behaviour):
+  `tf.train.Checkpoint` does not follow Keras's tracked lists, so variables
+  and sublayers kept in a list attribute are not saved by a TF checkpoint.
+  `set_checkpointable_list` / `checkpointable_list` keep them as
+  `{prefix}_{i}` attributes, which it follows. If that behaviour changes,
+  the workaround stays harmless; if attributes stop being followed, TF
+  checkpoints of the layers lose weights.
+"""
+
+import threading
+
+import keras
+import tensorflow as tf
+
+try:  # TensorFlow's own test for "being traced for XLA"; private.
+    from tensorflow.python.ops import control_flow_util
+except ImportError:  # pragma: no cover - a TensorFlow that moved it
+    control_flow_util = None
+
+
+def xla_tracing():
+    """True inside a function traced for XLA, False outside one, None where
+    that cannot be told (TensorFlow's private test moved)."""
+    if control_flow_util is None:
+        return None
+    return bool(
+        control_flow_util.GraphOrParentsInXlaContext(
+            tf.compat.v1.get_default_graph()
+        )
+    )
+
+
+def in_replica_thread():
+    """Whether this code runs in a replica function of a `tf.distribute`
+    strategy (the threads MirroredStrategy runs its replicas in)."""
+    return (
+        tf.distribute.has_strategy()
+        and not tf.distribute.in_cross_replica_context()
+    )
+
+
+def _get_losses(layer):
+    if not in_replica_thread():
+        return layer.__dict__.setdefault("_shared_losses", [])
+    local = layer.__dict__.setdefault("_thread_losses", threading.local())
+    if not hasattr(local, "losses"):
+        local.losses = []
+    return local.losses
+
+
+def _set_losses(layer, value):
+    if not in_replica_thread():
+        layer.__dict__["_shared_losses"] = list(value)
+        return
+    local = layer.__dict__.setdefault("_thread_losses", threading.local())
+    local.losses = list(value)
+
+
+# Keras keeps `add_loss` terms in one list per layer, `Layer._losses`. Under
+# MirroredStrategy the replicas run `call` in parallel threads and pause
+# inside it (the cross-replica all-reduce, metric updates), so one replica
+# would clear or read another's losses. Assigned as `_losses` in a layer
+# class, this property makes the list per thread inside a replica function
+# of a strategy (`strategy.run`, `fit` under a strategy); anywhere else it
+# is the one list of the layer, as for Keras's own layers: a loss added in
+# one thread shows in `layer.losses` in every other.
+replica_thread_losses = property(_get_losses, _set_losses)
+
+
+def all_sublayers(model):
+    """Every layer inside `model`, nested ones included, `model` excluded
+    (Keras's private `_flatten_layers`)."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def set_checkpointable_list(owner, prefix, items):
+    """Keeps `items` on `owner` as attributes `{prefix}_0`, `{prefix}_1`,
+    ...: `tf.train.Checkpoint` follows attributes, not Keras's tracked
+    lists."""
+    for i, item in enumerate(items):
+        setattr(owner, f"{prefix}_{i}", item)
+
+
+def checkpointable_list(owner, prefix, count):
+    """The `count` items `set_checkpointable_list` kept under `prefix`."""
+    return [getattr(owner, f"{prefix}_{i}") for i in range(count)]
+
+
+def versions():
+    """The installed Keras and TensorFlow, for messages about hooks."""
+    return f"Keras {keras.__version__}, TensorFlow {tf.__version__}"
