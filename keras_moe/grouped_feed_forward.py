@@ -344,20 +344,21 @@ def _looped_groups_stack(x, kernels, part_sizes, between_layers):
                 else:
                     tape, value = between_with_tape(layer - 1)
                     layer_inputs = value
-                d_kernels[layer] = tf.cond(
+                kernel = kernels[layer]
+                d_kernels[layer], d_out = tf.cond(
                     small_groups,
-                    lambda: _padded_kernel_gradient(
-                        layer_inputs, d_pre, part_sizes),
-                    lambda: _looped_kernel_gradient(
-                        layer_inputs, d_pre, part_sizes,
-                        kernels[layer].shape),
-                )
-                d_out = tf.cond(
-                    small_groups,
-                    lambda: _looped_group_matmul(
-                        d_pre, kernels[layer], part_sizes, "untransposed"),
-                    lambda: _looped_group_matmul(
-                        d_pre, kernels[layer], part_sizes, "transposed"),
+                    lambda: (
+                        _padded_kernel_gradient(
+                            layer_inputs, d_pre, part_sizes),
+                        _looped_group_matmul(
+                            d_pre, kernel, part_sizes, "untransposed"),
+                    ),
+                    lambda: (
+                        _looped_kernel_gradient(
+                            layer_inputs, d_pre, part_sizes, kernel.shape),
+                        _looped_group_matmul(
+                            d_pre, kernel, part_sizes, "transposed"),
+                    ),
                 )
             return (d_out, *d_kernels)
 

@@ -925,9 +925,8 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
         # (token, group) pairs, group by group, are the groups' rows.
         primary = SparseDispatcher(self.num_groups, primary_gates)
         group_of_row, token_of_row = primary.expert_index, primary.batch_index
-        rows = tf.gather(x, token_of_row)
         group_gates, row_load = self._secondary_gates(
-            rows, primary.part_sizes, group_of_row, token_of_row, training,
+            primary.dispatch_concatenated(x), primary.part_sizes, group_of_row, token_of_row, training,
             secondary_noise,
         )
         # The secondary gates carry the primary gates.
