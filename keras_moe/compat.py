@@ -194,9 +194,19 @@ def _flat_targets(layer, name, gating_prefix):
 
 def _hierarchical_targets(layer, name):
     targets = _gating_targets(layer.primary_gating, f"{name}_primary_gating")
-    for i, group in enumerate(layer.groups):
-        targets.update(
-            _flat_targets(group, f"{name}_secondary_{i}",
-                          f"{name}_secondary_{i}_gating")
-        )
+    gating, per_group = layer.secondary_gating, layer.experts_per_group
+    # Group i's kernels are slice i of the stacked secondary kernels, its
+    # expert j expert i * experts_per_group + j of the layer's experts.
+    kernels = [("gate", gating.gate_kernel)]
+    if gating.noisy_gating:
+        kernels.append(("noise", gating.noise_kernel))
+    for i in range(layer.num_groups):
+        prefix = f"{name}_secondary_{i}"
+        for kind, kernel in kernels:
+            targets[f"{prefix}_gating_{kind}"] = (
+                kernel, i, tuple(kernel.shape[1:]))
+        for l, kernel in enumerate(layer.experts.kernels):
+            for j in range(per_group):
+                targets[f"{prefix}_{j}_layer_{l}"] = (
+                    kernel, i * per_group + j, tuple(kernel.shape[1:]))
     return targets

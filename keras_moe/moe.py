@@ -9,11 +9,12 @@ import keras
 import tensorflow as tf
 
 from keras_moe import (
-    balance, grouped_feed_forward, private_hooks, validation, xla,
+    balance, private_hooks, validation, xla,
 )
 from keras_moe.dispatch import CapacityDispatcher, SparseDispatcher
 from keras_moe.experts import FeedForwardExperts
 from keras_moe.gating import NoisyTopKGating
+from keras_moe.secondary_gating import SecondaryGating
 
 # What routing one flat batch of tokens gives. `statistics` holds the
 # batch sums that the balancing loss is made of (summed over replicas before
@@ -64,10 +65,6 @@ class _SparseMixtureBase(keras.layers.Layer):
                 if self.routing_metrics else ()
             )
         }
-        # Whether `build` makes `last_importance` and `last_load`; False
-        # only for layers called by another through `_route` (the groups of
-        # a hierarchical layer), which never update them.
-        self._keeps_statistics = True
         self.supports_masking = True
         self.supports_jit = False
         # Inputs are cast here, the experts' to the compute dtype and the
@@ -87,7 +84,7 @@ class _SparseMixtureBase(keras.layers.Layer):
         # Files written before `last_importance` and `last_load` existed
         # whatever `routing_metrics` hold none for a layer built with
         # `routing_metrics=False`: they keep their values (zeros).
-        if self._keeps_statistics and len(store.keys()) == 0:
+        if len(store.keys()) == 0:
             return
         super().load_own_variables(store)
 
@@ -107,23 +104,22 @@ class _SparseMixtureBase(keras.layers.Layer):
             validation.check_input_shape("gating_inputs", gating_inputs_shape, 2)
             gating_dim = gating_inputs_shape[-1]
         self._build_sublayers(input_dim, gating_dim)
-        if self._keeps_statistics:
-            # The last training batch's per-expert statistics, for
-            # callbacks (`keras_moe.callbacks`); global under tf.distribute,
-            # so the first replica's copy is the one to keep. They exist
-            # whatever `routing_metrics` (which only says whether they are
-            # updated), so that weights move between the two settings.
-            self.last_importance, self.last_load = (
-                self.add_weight(
-                    name=name,
-                    shape=self._statistics_shape(),
-                    initializer="zeros",
-                    trainable=False,
-                    autocast=False,
-                    aggregation="only_first_replica",
-                )
-                for name in ("last_importance", "last_load")
+        # The last training batch's per-expert statistics, for
+        # callbacks (`keras_moe.callbacks`); global under tf.distribute,
+        # so the first replica's copy is the one to keep. They exist
+        # whatever `routing_metrics` (which only says whether they are
+        # updated), so that weights move between the two settings.
+        self.last_importance, self.last_load = (
+            self.add_weight(
+                name=name,
+                shape=self._statistics_shape(),
+                initializer="zeros",
+                trainable=False,
+                autocast=False,
+                aggregation="only_first_replica",
             )
+            for name in ("last_importance", "last_load")
+        )
 
     def _route(self, x, gate_x, training, multiplier, noise, mask):
         """Routes flat tokens `x [tokens, d]`; returns a `Routed`.
@@ -719,9 +715,9 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
     From Shazeer et al. (2017, https://arxiv.org/abs/1701.06538), appendix
     B; a port of the original `DistributedMixtureOfExperts` with a secondary
     gating network. A primary noisy top-k gating (`.primary_gating`) picks
-    `k` of `num_groups` groups per token; each group (`.groups[i]`, a
-    `MixtureOfExperts`) picks `group_k` of its `experts_per_group` experts
-    with its own gating. The primary gates multiply into the secondary gates
+    `k` of `num_groups` groups per token; each group picks `group_k` of its
+    `experts_per_group` experts with its own noisy top-k gating
+    (`.secondary_gating`). The primary gates multiply into the secondary gates
     (the original's `per_example_multiplier`), so the output is
     `sum_i sum_j primary[b, i] * secondary_i[b, j] * expert_ij(x[b])`.
 
@@ -732,11 +728,12 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
     `loss_coef * (cv_squared(importance) + cv_squared(load))`, covers the
     whole layer; the groups add none of their own.
 
-    The groups hold the weights (`.groups[i].gating`, `.groups[i].experts`);
-    the layer computes all groups at once from them (their gatings' logits
-    and their experts' matmuls through `grouped_feed_forward`, in graph
-    loops past 32), so that tracing does not grow with `num_groups` beyond
-    reading each group's weights and drawing its noise.
+    The groups' weights are stacked: `.secondary_gating.gate_kernel[i]`
+    is group `i`'s gate kernel and `.experts` holds all `num_experts`
+    experts, expert `(i, j)` at index `i * experts_per_group + j`; so the
+    traced graph's size does not depend on `num_groups` or
+    `experts_per_group`. `.groups[i]` gives group `i` as a standalone
+    `MixtureOfExperts` (a copy).
 
     Args:
         num_groups: int >= 1, the number of groups (primary experts).
@@ -748,8 +745,8 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
         noisy_gating, noise_epsilon, loss_coef, gate_initializer,
         expert_initializer, cross_replica_balance, routing_metrics: as in
             `MixtureOfExperts`, for every group.
-        seed: optional int; the primary gating uses `seed` and group `i`
-            uses `seed + 1 + i`.
+        seed: optional int; the primary gating's noise uses `seed` and
+            the secondary gatings' `seed + 1`.
         **kwargs: base layer keyword arguments.
 
     Call arguments:
@@ -831,37 +828,74 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             dtype=self.dtype_policy,
             name="primary_gating",
         )
-        groups = [
-            MixtureOfExperts(
-                experts_per_group,
-                k=group_k,
-                output_dim=output_dim,
-                hidden_sizes=hidden_sizes,
-                hidden_activation=hidden_activation,
-                autoscale=autoscale,
-                noisy_gating=noisy_gating,
-                noise_epsilon=noise_epsilon,
-                loss_coef=0.0,  # the layer's one loss covers the groups
-                routing_metrics=False,
-                gate_initializer=gate_initializer,
-                expert_initializer=expert_initializer,
-                seed=None if seed is None else seed + 1 + i,
-                dtype=self.dtype_policy,
-                name=f"group_{i}",
-            )
-            for i in range(num_groups)
-        ]
-        for group in groups:
-            # The groups keep no statistics: this layer keeps the whole's.
-            group._keeps_statistics = False
-        private_hooks.set_checkpointable_list(self, "group", groups)
+        self.secondary_gating = SecondaryGating(
+            num_groups,
+            experts_per_group,
+            k=group_k,
+            noisy_gating=noisy_gating,
+            noise_epsilon=noise_epsilon,
+            kernel_initializer=gate_initializer,
+            seed=None if seed is None else seed + 1,
+            dtype=self.dtype_policy,
+            name="secondary_gating",
+        )
+        # Expert (i, j) is expert i * experts_per_group + j.
+        self.experts = FeedForwardExperts(
+            num_groups * experts_per_group,
+            output_dim,
+            hidden_sizes=hidden_sizes,
+            hidden_activation=hidden_activation,
+            autoscale=autoscale,
+            kernel_initializer=expert_initializer,
+            dtype=self.dtype_policy,
+            name="experts",
+        )
 
     @property
     def groups(self):
-        """The `num_groups` `MixtureOfExperts` of the second level."""
-        return private_hooks.checkpointable_list(
-            self, "group", self.num_groups
-        )
+        """Group `i` as a standalone `MixtureOfExperts`, for each group.
+
+        New layers each time, holding copies of the groups' weights (their
+        `MixtureOfExperts` equals group `i` on the rows it receives, given
+        the same noise); assigning to them does not change this layer,
+        whose weights are `secondary_gating` and `experts`. Available once
+        the layer is built.
+        """
+        if not self.built:
+            raise ValueError(
+                "`groups` copies the weights of a built layer: call the "
+                "layer once or call `build` first."
+            )
+        gating, experts = self.secondary_gating, self.experts
+        per_group = self.experts_per_group
+        groups = []
+        for i in range(self.num_groups):
+            group = MixtureOfExperts(
+                per_group,
+                k=gating.k,
+                output_dim=experts.output_dim,
+                hidden_sizes=experts.hidden_sizes,
+                hidden_activation=experts.hidden_activation,
+                autoscale=experts.autoscale,
+                noisy_gating=gating.noisy_gating,
+                noise_epsilon=gating.noise_epsilon,
+                loss_coef=0.0,  # the layer's one loss covers the groups
+                routing_metrics=False,
+                gate_initializer=gating.kernel_initializer,
+                expert_initializer=experts.kernel_initializer,
+                seed=None if self.seed is None else self.seed + 1 + i,
+                dtype=self.dtype_policy,
+                name=f"group_{i}",
+            )
+            group.build((None, self.input_dim))
+            group.gating.gate_kernel.assign(gating.gate_kernel[i])
+            if gating.noisy_gating:
+                group.gating.noise_kernel.assign(gating.noise_kernel[i])
+            for kernel, stacked in zip(group.experts.kernels,
+                                       experts.kernels):
+                kernel.assign(stacked[i * per_group:(i + 1) * per_group])
+            groups.append(group)
+        return groups
 
     @property
     def num_groups(self):
@@ -869,15 +903,15 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
 
     @property
     def experts_per_group(self):
-        return self.groups[0].num_experts
+        return self.secondary_gating.num_experts
 
     @property
     def num_experts(self):
-        return self.num_groups * self.experts_per_group
+        return self.experts.num_experts
 
     @property
     def input_dim(self):
-        return self.groups[0].input_dim
+        return self.experts.layer_sizes[0]
 
     @property
     def gating_input_dim(self):
@@ -885,10 +919,10 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
 
     @property
     def output_dim(self):
-        return self.groups[0].output_dim
+        return self.experts.layer_sizes[-1]
 
     def _output_dim_for(self, input_dim):
-        return self.groups[0]._output_dim_for(input_dim)
+        return self.experts.output_dim or input_dim
 
     def _statistics_shape(self):
         return (self.num_groups, self.experts_per_group)
@@ -901,8 +935,8 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
 
     def _build_sublayers(self, input_dim, gating_dim):
         self.primary_gating.build((None, gating_dim))
-        for group in self.groups:
-            group.build((None, input_dim))
+        self.secondary_gating.build((None, input_dim))
+        self.experts.build((None, input_dim))
 
     def _route(self, x, gate_x, training, multiplier, noise, mask):
         xla.check_not_xla(
@@ -920,14 +954,19 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
         primary_true_load = balance.gates_to_load(primary_gates)
         if multiplier is not None:
             primary_gates *= tf.expand_dims(multiplier, 1)
-        # Every group at once, so that the graph does not grow with the
-        # number of groups (past reading each group's weights): the routed
+        # Every group at once (weights stacked over groups), so that the
+        # graph does not grow with the number of groups: the routed
         # (token, group) pairs, group by group, are the groups' rows.
         primary = SparseDispatcher(self.num_groups, primary_gates)
         group_of_row, token_of_row = primary.expert_index, primary.batch_index
-        group_gates, row_load = self._secondary_gates(
-            primary.dispatch_concatenated(x), primary.part_sizes, group_of_row, token_of_row, training,
-            secondary_noise,
+        if secondary_noise is not None and self._noisy() and bool(training):
+            # Each routed (token, group) pair reads its own noise row.
+            secondary_noise = tf.gather_nd(
+                tf.cast(secondary_noise, tf.float32),
+                tf.stack([token_of_row, group_of_row], 1))
+        group_gates, row_load = self.secondary_gating(
+            primary.dispatch_concatenated(x), group_sizes=primary.part_sizes,
+            training=training, noise=secondary_noise,
         )
         # The secondary gates carry the primary gates.
         group_gates *= tf.expand_dims(primary.nonzero_gates, 1)
@@ -954,16 +993,8 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
         part_sizes = tf.reshape(tf.math.unsorted_segment_sum(
             tf.cast(group_gates > 0, tf.int32), group_of_row,
             self.num_groups), [-1])
-        experts = [group.experts for group in self.groups]
-        kernels = [
-            tf.concat([tf.cast(e.kernels[layer], self.compute_dtype)
-                       for e in experts], 0)
-            for layer in range(len(experts[0].kernels))
-        ]
-        # Every group's experts are configured alike.
-        expert_outputs = grouped_feed_forward.grouped_feed_forward(
-            tf.cast(tf.gather(x, batch_index), self.compute_dtype), kernels,
-            part_sizes, experts[0].between_layers,
+        expert_outputs = self.experts(
+            tf.cast(tf.gather(x, batch_index), self.compute_dtype), part_sizes
         )
         weighted = expert_outputs * tf.expand_dims(
             tf.cast(expert_gates, expert_outputs.dtype), 1)
@@ -986,40 +1017,6 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             dropped_fraction=None,
         )
 
-    def _secondary_gates(self, rows, group_sizes, group_of_row,
-                         token_of_row, training, noise):
-        """Every group's gating on its rows: `(gates, row_load)`, float32
-        `[rows, experts_per_group]`, as each group's `NoisyTopKGating`
-        computes them (`gate_logits`), its matmuls through one
-        `grouped_feed_forward`."""
-        gatings = [group.gating for group in self.groups]
-        rows = tf.cast(rows, tf.float32)
-
-        def logits(kernels):
-            return grouped_feed_forward.grouped_feed_forward(
-                rows, [tf.stack([tf.cast(k, tf.float32) for k in kernels])],
-                group_sizes, lambda layer, z: z,
-            )
-
-        clean_logits = logits([g.gate_kernel for g in gatings])
-        noise_logits = None
-        if self._noisy() and bool(training):
-            noise_logits = logits([g.noise_kernel for g in gatings])
-            if noise is None:
-                # Group i draws from its own stream, for its own rows.
-                noise = tf.concat([
-                    gating.draw_noise(tf.stack([size, self.experts_per_group]))
-                    for gating, size in zip(
-                        gatings, tf.unstack(group_sizes, num=self.num_groups))
-                ], 0)
-            else:
-                # Each routed (token, group) pair reads its own noise row.
-                noise = tf.gather_nd(
-                    tf.cast(noise, tf.float32),
-                    tf.stack([token_of_row, group_of_row], 1))
-        # Every group's gating is configured alike.
-        return gatings[0].gate_logits(rows, clean_logits, noise_logits, noise)
-
     def _balance(self, statistics):
         # The original's rule: each group's load, scaled by how much more
         # (smoothly) the primary gate would send it than it truly sent.
@@ -1031,18 +1028,19 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
 
     def get_config(self):
         base_config = super().get_config()
-        primary, group = self.primary_gating, self.groups[0]
+        primary, secondary = self.primary_gating, self.secondary_gating
+        experts = self.experts
         config = {
             "num_groups": self.num_groups,
             "experts_per_group": self.experts_per_group,
             "k": primary.k,
-            "group_k": group.gating.k,
-            "output_dim": group.experts.output_dim,
-            "hidden_sizes": list(group.experts.hidden_sizes),
+            "group_k": secondary.k,
+            "output_dim": experts.output_dim,
+            "hidden_sizes": list(experts.hidden_sizes),
             "hidden_activation": keras.activations.serialize(
-                group.experts.hidden_activation
+                experts.hidden_activation
             ),
-            "autoscale": group.experts.autoscale,
+            "autoscale": experts.autoscale,
             "noisy_gating": primary.noisy_gating,
             "noise_epsilon": primary.noise_epsilon,
             "loss_coef": self.loss_coef,
@@ -1052,7 +1050,7 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
                 primary.kernel_initializer
             ),
             "expert_initializer": keras.initializers.serialize(
-                group.experts.kernel_initializer
+                experts.kernel_initializer
             ),
             "seed": self.seed,
         }

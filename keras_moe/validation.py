@@ -205,26 +205,27 @@ def check_finite_positive(name, x):
     )
 
 
-def check_part_sizes(part_sizes, num_parts, rows):
+def check_part_sizes(part_sizes, num_parts, rows, name="part_sizes",
+                     part="expert"):
     """Returns `part_sizes` as an int32 tensor `[num_parts]` of sizes >= 0
     summing to `rows` (a scalar int tensor): static facts are checked now
     (`ValueError`/`TypeError`), the values eagerly or by assertion ops."""
-    part_sizes = to_tensor("part_sizes", part_sizes)
+    part_sizes = to_tensor(name, part_sizes)
     if not part_sizes.dtype.is_integer:
         raise TypeError(
-            f"`part_sizes` must be an integer tensor. Received: "
-            f"part_sizes.dtype={part_sizes.dtype.name}"
+            f"`{name}` must be an integer tensor. Received: "
+            f"{name}.dtype={part_sizes.dtype.name}"
         )
     if part_sizes.shape.rank != 1 or part_sizes.shape[0] not in (
         None, num_parts
     ):
         raise ValueError(
-            f"`part_sizes` must have shape ({num_parts},), one size per "
-            f"expert. Received: part_sizes.shape={tuple(part_sizes.shape)}"
+            f"`{name}` must have shape ({num_parts},), one size per "
+            f"{part}. Received: {name}.shape={tuple(part_sizes.shape)}"
         )
     part_sizes = tf.cast(part_sizes, tf.int32)
     message = (
-        "`part_sizes` must be >= 0 and sum to the number of rows of "
+        f"`{name}` must be >= 0 and sum to the number of rows of "
         "`inputs`."
     )
     if tf.executing_eagerly():
@@ -233,7 +234,7 @@ def check_part_sizes(part_sizes, num_parts, rows):
             sizes.sum() != int(rows)
         ):
             raise ValueError(
-                message + f" Received: part_sizes={sizes.tolist()} for "
+                message + f" Received: {name}={sizes.tolist()} for "
                 f"{int(rows)} rows"
             )
         return part_sizes

@@ -117,19 +117,18 @@ def layer_weights(layer, case):
         for l, kernel in enumerate(layer.experts.kernels):
             out["kernel_%d" % l] = kernel.numpy()
         return out
-    groups = layer.groups
+    secondary, per_group = layer.secondary_gating, layer.experts_per_group
     out = {
         "primary_gate_kernel": layer.primary_gating.gate_kernel.numpy(),
-        "secondary_gate_kernel": np.stack(
-            [g.gating.gate_kernel.numpy() for g in groups]),
+        "secondary_gate_kernel": secondary.gate_kernel.numpy(),
     }
     if layer.primary_gating.noisy_gating:
         out["primary_noise_kernel"] = layer.primary_gating.noise_kernel.numpy()
-        out["secondary_noise_kernel"] = np.stack(
-            [g.gating.noise_kernel.numpy() for g in groups])
-    for l in range(len(groups[0].experts.kernels)):
-        out["kernel_%d" % l] = np.stack(
-            [g.experts.kernels[l].numpy() for g in groups])
+        out["secondary_noise_kernel"] = secondary.noise_kernel.numpy()
+    for l, kernel in enumerate(layer.experts.kernels):
+        # [groups * experts_per_group, ...] -> [groups, experts_per_group, ...]
+        out["kernel_%d" % l] = kernel.numpy().reshape(
+            (layer.num_groups, per_group) + tuple(kernel.shape[1:]))
     return out
 
 

@@ -127,21 +127,20 @@ def test_any_rank_and_mask_equal_the_unmasked_rows(training):
         assert_close(routing[key], kept[key], FORWARD, what=key)
 
 
-def test_graph_size_grows_only_by_each_groups_weights():
-    # All groups are computed at once: the training step's graph does not
-    # depend on experts_per_group (past MAX_UNROLLED_GROUPS experts in all)
-    # and grows with num_groups only by reading each group's weights and
-    # drawing its noise (36 operations a group today).
+def test_graph_size_does_not_depend_on_the_number_of_groups():
+    # The groups' weights are stacked and all groups computed at once: the
+    # training step's graph is the same for any num_groups and
+    # experts_per_group (past MAX_UNROLLED_GROUPS groups, and experts in
+    # all: below, grouped_feed_forward unrolls its per-group matmuls).
     def train_step_size(num_groups, experts_per_group):
         layer = keras_moe.HierarchicalMixtureOfExperts(
             num_groups, experts_per_group, hidden_sizes=(4,))
         layer.build((None, D))
         return training_step_size(layer, D)
 
-    four_groups = train_step_size(4, 40)
-    assert train_step_size(4, 120) == four_groups
-    per_group = (train_step_size(8, 40) - four_groups) / 4
-    assert 0 < per_group <= 40, per_group
+    size = train_step_size(33, 3)
+    assert train_step_size(33, 7) == size
+    assert train_step_size(99, 3) == size
 
 
 def test_gating_inputs_feed_only_the_primary_gate():
@@ -220,3 +219,20 @@ def test_fit_step_changes_every_weight():
                for b, w in zip(before, model.trainable_weights)]
     assert all(changed), [w.path for w, c in
                           zip(model.trainable_weights, changed) if not c]
+
+
+def test_groups_are_copies_of_the_stacked_weights():
+    with pytest.raises(ValueError, match="built layer"):
+        keras_moe.HierarchicalMixtureOfExperts(N1, N2).groups
+    layer = _layer(hidden_sizes=(6,))
+    groups = layer.groups
+    assert [g.num_experts for g in groups] == [N2] * N1
+    np.testing.assert_array_equal(
+        groups[2].gating.gate_kernel, layer.secondary_gating.gate_kernel[2])
+    np.testing.assert_array_equal(
+        groups[2].experts.kernels[1],
+        layer.experts.kernels[1][2 * N2:3 * N2])
+    before = layer.experts.kernels[0].numpy()
+    groups[0].experts.kernels[0].assign(
+        tf.zeros_like(groups[0].experts.kernels[0]))
+    np.testing.assert_array_equal(layer.experts.kernels[0], before)

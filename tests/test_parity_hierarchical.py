@@ -118,38 +118,27 @@ def _ours(case, data):
         layer = keras_moe.MixtureOfExperts(num_experts=case["n1"], **common)
     layer(x, training=False, **kwargs)  # build
 
-    # Each weight of hier_weight_names: a variable, or a list of variables
-    # stacked along the first axis (over groups).
+    # Each weight of hier_weight_names: one variable. The hierarchical
+    # layer's are stacked over groups (its experts' kernels flat over
+    # (group, expert), the fixtures' [groups, experts, in, out]).
     if hier:
-        groups = layer.groups
         weights = {"primary_gate_kernel": layer.primary_gating.gate_kernel,
-                   "secondary_gate_kernel": [g.gating.gate_kernel
-                                             for g in groups]}
+                   "secondary_gate_kernel":
+                       layer.secondary_gating.gate_kernel}
         if case["noisy"]:
             weights["primary_noise_kernel"] = layer.primary_gating.noise_kernel
-            weights["secondary_noise_kernel"] = [g.gating.noise_kernel
-                                                 for g in groups]
-        for l in range(num_layers):
-            weights["kernel_%d" % l] = [g.experts.kernels[l] for g in groups]
+            weights["secondary_noise_kernel"] = (
+                layer.secondary_gating.noise_kernel)
     else:
         weights = {"primary_gate_kernel": layer.gating.gate_kernel}
         if case["noisy"]:
             weights["primary_noise_kernel"] = layer.gating.noise_kernel
-        for l in range(num_layers):
-            weights["kernel_%d" % l] = layer.experts.kernels[l]
+    for l in range(num_layers):
+        weights["kernel_%d" % l] = layer.experts.kernels[l]
     names = oracle.hier_weight_names(case)
-    flat_vars, spans = [], {}
-    for name in names:
-        w = weights[name]
-        if isinstance(w, list):
-            for i, var in enumerate(w):
-                var.assign(data[name][i])
-            spans[name] = (len(flat_vars), len(flat_vars) + len(w), True)
-            flat_vars.extend(w)
-        else:
-            w.assign(data[name])
-            spans[name] = (len(flat_vars), len(flat_vars) + 1, False)
-            flat_vars.append(w)
+    flat_vars = [weights[name] for name in names]
+    for name, var in zip(names, flat_vars):
+        var.assign(np.reshape(data[name], var.shape))
     if case["noisy"]:
         primary = tf.constant(data["primary_noise"])
         kwargs["noise"] = ((primary, tf.constant(data["secondary_noise"]))
@@ -173,10 +162,8 @@ def _ours(case, data):
             "token_index": routing["token_index"],
             "expert_index": routing["expert_index"],
         }
-        for name in names:
-            start, stop, stacked = spans[name]
-            res["grad/" + name] = (tf.stack(grads[start:stop]) if stacked
-                                   else grads[start])
+        for name, grad in zip(names, grads):
+            res["grad/" + name] = tf.reshape(grad, data[name].shape)
         results[mode] = {k: np.asarray(v) for k, v in res.items()}
     return results
 
