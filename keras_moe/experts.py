@@ -36,7 +36,7 @@ class FeedForwardExperts(keras.layers.Layer):
         **kwargs: base layer keyword arguments.
 
     Call arguments:
-        inputs: a float tensor, either `[rows, d]` grouped by expert
+        inputs: a float tensor, either `[rows, d]` sorted by expert
             (expert 0's rows first, then expert 1's, and so on: what
             `SparseDispatcher.dispatch_concatenated` returns) with
             `part_sizes`, or `[num_experts, capacity, d]`, one slab per

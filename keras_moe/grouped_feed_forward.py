@@ -1,57 +1,69 @@
-"""The experts' feed-forward layers over grouped rows or per-expert slabs,
-with a gradient written for many experts with few rows each."""
+"""The experts' feed-forward layers over each expert's rows or per-expert
+slabs, with a gradient written for many experts with few rows each.
+
+Expert `i` is slice `i` of every kernel, `kernels[l][i]`; its part is the
+rows of `x` it gets, `part_sizes[i]` of them, the parts one after another
+(what `SparseDispatcher.dispatch_concatenated` returns)."""
 
 import tensorflow as tf
 
 from keras_moe import xla
 
-# Up to this many rows in the largest group, the backward pass uses the
-# forms that are fast for small groups on CPU (see `grouped_feed_forward`);
+# Up to this many rows in the largest part, the backward pass uses the
+# forms that are fast for small parts on CPU (see `grouped_feed_forward`);
 # past it, autodiff's forms, which are as fast there and need no padded or
 # transposed copies.
-SMALL_GROUP_ROWS = 64
+SMALL_PART_ROWS = 64
 
-# With more groups than this, the groups go through a loop in the graph,
-# `GROUPS_PER_STEP` groups per step (the rest one by one), so that the graph
-# and the time to trace it do not grow with the number of groups; up to
-# it, one matmul per group is written into the graph.
-MAX_UNROLLED_GROUPS = 32
-GROUPS_PER_STEP = 16
+# With more experts than this, the experts go through a loop in the graph,
+# `EXPERTS_PER_STEP` experts per step (the rest one by one), so that the
+# graph and the time to trace it do not grow with the number of experts; up
+# to it, one matmul per expert is written into the graph.
+MAX_UNROLLED_EXPERTS = 32
+EXPERTS_PER_STEP = 16
+
+# The former names, kept so that code reading them still works (setting
+# one changes nothing: the new names are the ones read).
+SMALL_GROUP_ROWS = SMALL_PART_ROWS
+MAX_UNROLLED_GROUPS = MAX_UNROLLED_EXPERTS
+GROUPS_PER_STEP = EXPERTS_PER_STEP
 
 
 def grouped_feed_forward(x, kernels, part_sizes, between_layers):
-    """Each group of rows of `x` through its own stack of matmuls.
+    """Each expert's part of the rows of `x` through its own stack of
+    matmuls.
 
-    Rows `sum(part_sizes[:i])` to `sum(part_sizes[:i + 1])` of `x` (group,
-    or expert, `i`) go through `z_l = a_l @ kernels[l][i]`,
+    Rows `sum(part_sizes[:i])` to `sum(part_sizes[:i + 1])` of `x` (the
+    part of expert `i`) go through `z_l = a_l @ kernels[l][i]`,
     `a_{l+1} = between_layers(l, z_l)` for every layer `l`; the result is
-    the last `a`, in the same row order. A group with no rows reads no
+    the last `a`, in the same row order. An expert with no rows reads no
     weights.
 
     The gradient is hand-written because autodiff's is slow on CPU when
-    groups have few rows (many experts, small batches). When the largest
-    group has at most `SMALL_GROUP_ROWS` rows:
-    - the input gradient of group `i` is `transpose(kernel[i] @
+    parts have few rows (many experts, small batches). When the largest
+    part has at most `SMALL_PART_ROWS` rows:
+    - the input gradient of part `i` is `transpose(kernel[i] @
       transpose(dz_i))`, which reads `kernel[i]` in its stored order;
       autodiff's `dz_i @ transpose(kernel[i])` is 3 to 6x slower;
-    - each kernel's gradient is one batched matmul of the groups padded to
-      the largest, which writes the stacked `[groups, in, out]` gradient
-      directly; autodiff stacks per-group pieces (a second full-size copy).
-    Otherwise it computes autodiff's forms. Either way the groups stay
+    - each kernel's gradient is one batched matmul of the parts padded to
+      the largest, which writes the stacked `[experts, in, out]` gradient
+      directly; autodiff stacks per-expert pieces (a second full-size
+      copy).
+    Otherwise it computes autodiff's forms. Either way the parts stay
     separate, as in autodiff, and only the matmul outputs `z_l` are kept
     for the backward pass (`between_layers` is recomputed there).
 
-    With up to `MAX_UNROLLED_GROUPS` groups, each group's matmuls are
+    With up to `MAX_UNROLLED_EXPERTS` experts, each expert's matmuls are
     written into the graph. With more, they run in graph loops over the
-    groups (`GROUPS_PER_STEP` groups a step), the same matmuls with the same
-    numbers, so that the graph, and the time to trace it, stay the same
-    whatever the number of groups.
+    experts (`EXPERTS_PER_STEP` experts a step), the same matmuls with the
+    same numbers, so that the graph, and the time to trace it, stay the
+    same whatever the number of experts.
 
     Args:
-        x: a float tensor `[rows, in]`, grouped.
-        kernels: a list of float tensors `[groups, in_l, out_l]` with a
-            static number of groups, the dtype of `x`.
-        part_sizes: int tensor `[groups]` summing to `rows`.
+        x: a float tensor `[rows, in]`, the parts one after another.
+        kernels: a list of float tensors `[experts, in_l, out_l]` with a
+            static number of experts, the dtype of `x`.
+        part_sizes: int tensor `[experts]` summing to `rows`.
         between_layers: `f(layer, z)`, elementwise and differentiable: what
             follows the matmul of layer `layer` (scaling, activation).
 
@@ -68,10 +80,10 @@ def grouped_feed_forward(x, kernels, part_sizes, between_layers):
     >>> y.numpy().tolist()
     [[1.0, 1.0], [4.0, 4.0], [4.0, 4.0]]
     """
-    num_groups = kernels[0].shape[0]
-    if num_groups is None:
+    num_experts = kernels[0].shape[0]
+    if num_experts is None:
         raise ValueError(
-            f"`kernels` must have a static number of groups. "
+            f"`kernels` must have a static number of experts. "
             f"Received: kernels[0].shape={kernels[0].shape}"
         )
     if x.shape.rank != 2:
@@ -79,32 +91,32 @@ def grouped_feed_forward(x, kernels, part_sizes, between_layers):
             f"`x` must be 2-D [rows, in]. Received: x.shape={x.shape}"
         )
 
-    if num_groups > MAX_UNROLLED_GROUPS:
-        return _looped_groups_stack(x, kernels, part_sizes, between_layers)
+    if num_experts > MAX_UNROLLED_EXPERTS:
+        return _looped_stack(x, kernels, part_sizes, between_layers)
     return _recomputing_stack(
         x,
         kernels,
         split_rows=lambda t: tf.split(
-            t, part_sizes, num=num_groups, axis=0
+            t, part_sizes, num=num_experts, axis=0
         ),
         # Unstacking shares the kernels' buffers: no copy.
-        split_kernel=lambda k: tf.unstack(k, num=num_groups),
+        split_kernel=lambda k: tf.unstack(k, num=num_experts),
         between_layers=between_layers,
-        layer_backward=_grouped_layer_backward(part_sizes),
+        layer_backward=_parts_layer_backward(part_sizes),
     )
 
 
-def _grouped_layer_backward(part_sizes):
-    """One layer's backward over groups of `part_sizes` rows: the forms that
-    are fast for small groups on CPU, or autodiff's."""
+def _parts_layer_backward(part_sizes):
+    """One layer's backward over parts of `part_sizes` rows: the forms that
+    are fast for small parts on CPU, or autodiff's."""
 
-    def layer_backward(inputs, d_outputs, group_kernels):
+    def layer_backward(inputs, d_outputs, expert_kernels):
         return tf.cond(
-            tf.reduce_max(part_sizes) <= SMALL_GROUP_ROWS,
-            lambda: _small_group_backward(
-                inputs, d_outputs, group_kernels, part_sizes
+            tf.reduce_max(part_sizes) <= SMALL_PART_ROWS,
+            lambda: _small_parts_backward(
+                inputs, d_outputs, expert_kernels, part_sizes
             ),
-            lambda: _autodiff_backward(inputs, d_outputs, group_kernels),
+            lambda: _autodiff_backward(inputs, d_outputs, expert_kernels),
         )
 
     return layer_backward
@@ -114,28 +126,28 @@ def slab_feed_forward(x, kernels, between_layers):
     """Each expert's slab of rows through its own stack of matmuls.
 
     The capacity dispatch's experts: `z_l = a_l @ kernels[l]` slab by
-    slab over `[groups, capacity, in_l]`, `a_{l+1} = between_layers(l,
+    slab over `[experts, capacity, in_l]`, `a_{l+1} = between_layers(l,
     z_l)`, the last `a` returned. Same numbers as autodiff; the gradient
     keeps only the matmul outputs `z_l` (`between_layers` is recomputed in
     the backward pass, which lowers the peak memory of a training step),
-    and for slabs of at most `SMALL_GROUP_ROWS` rows computes the input
+    and for slabs of at most `SMALL_PART_ROWS` rows computes the input
     gradient as `transpose(kernel @ transpose(dz))`, 3x faster on CPU than
     autodiff's `dz @ transpose(kernel)` (which larger slabs keep).
 
     Traced for XLA, or with a GPU or TPU visible, each layer is one batched
     matmul (static shapes: it compiles with XLA). Traced for a CPU without
-    XLA, the slabs go through `grouped_feed_forward` as equal groups, one
+    XLA, the slabs go through `grouped_feed_forward` as equal parts, one
     matmul per expert, which TensorFlow runs 2-3x faster there.
 
     Args:
-        x: a float tensor `[groups, capacity, in]`.
-        kernels: a list of float tensors `[groups, in_l, out_l]`, the dtype
+        x: a float tensor `[experts, capacity, in]`.
+        kernels: a list of float tensors `[experts, in_l, out_l]`, the dtype
             of `x`.
         between_layers: `f(layer, z)`, elementwise and differentiable: what
             follows the matmul of layer `layer` (scaling, activation).
 
     Returns:
-        A tensor `[groups, capacity, out]`.
+        A tensor `[experts, capacity, out]`.
 
     Example:
 
@@ -148,20 +160,20 @@ def slab_feed_forward(x, kernels, between_layers):
     """
     if x.shape.rank != 3:
         raise ValueError(
-            f"`x` must be 3-D [groups, capacity, in]. "
+            f"`x` must be 3-D [experts, capacity, in]. "
             f"Received: x.shape={x.shape}"
         )
-    if _slabs_as_groups():
+    if _one_matmul_per_expert():
         # On a CPU without XLA, TensorFlow's batched matmul with small
         # slabs is 2-3x slower than one matmul per expert.
-        num_groups, capacity = kernels[0].shape[0], tf.shape(x)[1]
+        num_experts, capacity = kernels[0].shape[0], tf.shape(x)[1]
         y = grouped_feed_forward(
             tf.reshape(x, [-1, x.shape[2]]),
             kernels,
-            tf.fill([num_groups], capacity),
+            tf.fill([num_experts], capacity),
             between_layers,
         )
-        return tf.reshape(y, [num_groups, x.shape[1] or -1, y.shape[1]])
+        return tf.reshape(y, [num_experts, x.shape[1] or -1, y.shape[1]])
 
     def layer_backward(inputs, d_outputs, kernels):
         (a,), (dz,), (kernel,) = inputs, d_outputs, kernels
@@ -176,10 +188,10 @@ def slab_feed_forward(x, kernels, between_layers):
 
         capacity = a.shape[1]
         if capacity is not None:
-            da = untransposed() if capacity <= SMALL_GROUP_ROWS else usual()
+            da = untransposed() if capacity <= SMALL_PART_ROWS else usual()
         else:
             da = tf.cond(
-                tf.shape(a)[1] <= SMALL_GROUP_ROWS, untransposed, usual
+                tf.shape(a)[1] <= SMALL_PART_ROWS, untransposed, usual
             )
         return tf.matmul(a, dz, transpose_a=True), [da]
 
@@ -194,15 +206,15 @@ def slab_feed_forward(x, kernels, between_layers):
 
 
 def slab_matmul(x, kernel):
-    """`x [groups, capacity, in] @ kernel [groups, in, out]`, slab by slab:
+    """`x [experts, capacity, in] @ kernel [experts, in, out]`, slab by slab:
     `slab_feed_forward` with one layer and nothing after it.
 
     Args:
-        x: a float tensor `[groups, capacity, in]`.
-        kernel: a float tensor `[groups, in, out]`, the dtype of `x`.
+        x: a float tensor `[experts, capacity, in]`.
+        kernel: a float tensor `[experts, in, out]`, the dtype of `x`.
 
     Returns:
-        A tensor `[groups, capacity, out]`.
+        A tensor `[experts, capacity, out]`.
 
     Example:
 
@@ -213,7 +225,7 @@ def slab_matmul(x, kernel):
     return slab_feed_forward(x, [kernel], lambda layer, z: z)
 
 
-def _slabs_as_groups():
+def _one_matmul_per_expert():
     """Whether `slab_feed_forward` runs one matmul per expert: when tracing
     for a CPU without XLA (no GPU or TPU visible). Where XLA tracing cannot
     be detected, the batched form, which is right everywhere."""
@@ -305,12 +317,12 @@ def _parts_backward(x_parts, pre, d_out, part_kernels, between_layers,
     return d_out, d_kernels
 
 
-def _looped_groups_stack(x, kernels, part_sizes, between_layers):
-    """`grouped_feed_forward` with the per-group matmuls in graph loops.
+def _looped_stack(x, kernels, part_sizes, between_layers):
+    """`grouped_feed_forward` with the per-expert matmuls in graph loops.
 
-    Only the matmuls are per group: each goes through
-    `_looped_group_matmul`, whose loop bodies are the same whatever the
-    number of groups; `between_layers` and its gradient run on all rows at
+    Only the matmuls are per expert: each goes through
+    `_looped_expert_matmul`, whose loop bodies are the same whatever the
+    number of experts; `between_layers` and its gradient run on all rows at
     once. Same forms and numbers as the unrolled graph, the same recomputing
     gradient (only the matmul outputs are kept).
     """
@@ -321,7 +333,7 @@ def _looped_groups_stack(x, kernels, part_sizes, between_layers):
         pre = []
         inputs = x
         for layer, kernel in enumerate(kernels):
-            z = _looped_group_matmul(inputs, kernel, part_sizes)
+            z = _looped_expert_matmul(inputs, kernel, part_sizes)
             pre.append(z)
             inputs = between_layers(layer, z)
 
@@ -332,7 +344,7 @@ def _looped_groups_stack(x, kernels, part_sizes, between_layers):
             return tape, value
 
         def grad(dy):
-            small_groups = tf.reduce_max(part_sizes) <= SMALL_GROUP_ROWS
+            small_parts = tf.reduce_max(part_sizes) <= SMALL_PART_ROWS
             d_kernels = [None] * num_layers
             d_out = dy
             tape, value = between_with_tape(num_layers - 1)
@@ -346,17 +358,17 @@ def _looped_groups_stack(x, kernels, part_sizes, between_layers):
                     layer_inputs = value
                 kernel = kernels[layer]
                 d_kernels[layer], d_out = tf.cond(
-                    small_groups,
+                    small_parts,
                     lambda: (
                         _padded_kernel_gradient(
                             layer_inputs, d_pre, part_sizes),
-                        _looped_group_matmul(
+                        _looped_expert_matmul(
                             d_pre, kernel, part_sizes, "untransposed"),
                     ),
                     lambda: (
                         _looped_kernel_gradient(
                             layer_inputs, d_pre, part_sizes, kernel.shape),
-                        _looped_group_matmul(
+                        _looped_expert_matmul(
                             d_pre, kernel, part_sizes, "transposed"),
                     ),
                 )
@@ -367,23 +379,23 @@ def _looped_groups_stack(x, kernels, part_sizes, between_layers):
     return forward(x, *kernels)
 
 
-def _group_loops(num_groups):
-    """`[(first group, groups per step, steps)]`: `GROUPS_PER_STEP` groups at
-    a time, then those left over one at a time."""
-    full_steps = num_groups // GROUPS_PER_STEP
-    loops = [(0, GROUPS_PER_STEP, full_steps)] if full_steps else []
-    if num_groups % GROUPS_PER_STEP:
-        loops.append((full_steps * GROUPS_PER_STEP, 1,
-                      num_groups % GROUPS_PER_STEP))
+def _expert_loops(num_experts):
+    """`[(first expert, experts per step, steps)]`: `EXPERTS_PER_STEP`
+    experts at a time, then those left over one at a time."""
+    full_steps = num_experts // EXPERTS_PER_STEP
+    loops = [(0, EXPERTS_PER_STEP, full_steps)] if full_steps else []
+    if num_experts % EXPERTS_PER_STEP:
+        loops.append((full_steps * EXPERTS_PER_STEP, 1,
+                      num_experts % EXPERTS_PER_STEP))
     return loops
 
 
-def _loop_over_groups(num_groups, body, dtype, inner_shape):
-    """`body(first, size)` for every step of `_group_loops(num_groups)`,
+def _loop_over_experts(num_experts, body, dtype, inner_shape):
+    """`body(first, size)` for every step of `_expert_loops(num_experts)`,
     `first` a scalar tensor; its results `[n, *inner_shape]` concatenated
-    along their first axis, in group order."""
+    along their first axis, in expert order."""
     results = []
-    for first, size, steps in _group_loops(num_groups):
+    for first, size, steps in _expert_loops(num_experts):
         array = tf.TensorArray(dtype, size=steps, infer_shape=False,
                                element_shape=[None, *inner_shape])
 
@@ -397,41 +409,41 @@ def _loop_over_groups(num_groups, body, dtype, inner_shape):
     return results[0] if len(results) == 1 else tf.concat(results, 0)
 
 
-def _looped_group_matmul(a, kernel, part_sizes, form="forward"):
-    """Rows of group `i` of `a` times `kernel[i]` (`form="forward"`), or
-    times its transpose, as `dz @ transpose(k)` (`"transposed"`) or as
+def _looped_expert_matmul(a, kernel, part_sizes, form="forward"):
+    """Part `i` of the rows of `a` times `kernel[i]` (`form="forward"`),
+    or times its transpose, as `dz @ transpose(k)` (`"transposed"`) or as
     `transpose(k @ transpose(dz))` (`"untransposed"`, faster on CPU for
-    small groups): one matmul per group, in a loop."""
-    num_groups = kernel.shape[0]
+    small parts): one matmul per expert, in a loop."""
+    num_experts = kernel.shape[0]
     row_start = tf.concat([[0], tf.cumsum(part_sizes)], 0)
     out_dim = kernel.shape[1] if form != "forward" else kernel.shape[2]
 
     def body(first, size):
         rows = a[row_start[first]:row_start[first + size]]
         parts = tf.split(rows, part_sizes[first:first + size], num=size)
-        group_kernels = tf.unstack(kernel[first:first + size], num=size)
+        expert_kernels = tf.unstack(kernel[first:first + size], num=size)
         if form == "forward":
-            out = [tf.matmul(r, k) for r, k in zip(parts, group_kernels)]
+            out = [tf.matmul(r, k) for r, k in zip(parts, expert_kernels)]
         elif form == "transposed":
             out = [tf.matmul(r, k, transpose_b=True)
-                   for r, k in zip(parts, group_kernels)]
+                   for r, k in zip(parts, expert_kernels)]
         else:
             out = [tf.transpose(tf.matmul(k, r, transpose_b=True))
-                   for r, k in zip(parts, group_kernels)]
+                   for r, k in zip(parts, expert_kernels)]
         return tf.concat(out, 0)
 
-    return _loop_over_groups(num_groups, body, a.dtype, [out_dim])
+    return _loop_over_experts(num_experts, body, a.dtype, [out_dim])
 
 
 def _padded_kernel_gradient(a, dz, part_sizes):
-    """`stack_i(transpose(a_i) @ dz_i)` over the groups of rows, as one
-    batched matmul of the groups padded to the largest with zero rows (a
-    gather from one appended zero row): fast for small groups on CPU."""
+    """`stack_i(transpose(a_i) @ dz_i)` over the parts of the rows, as one
+    batched matmul of the parts padded to the largest with zero rows (a
+    gather from one appended zero row): fast for small parts on CPU."""
     rows = tf.shape(a)[0]
-    group_start = tf.cumsum(part_sizes, exclusive=True)
+    part_start = tf.cumsum(part_sizes, exclusive=True)
     slot = tf.range(tf.reduce_max(part_sizes))[None, :]
     row = tf.where(
-        slot < part_sizes[:, None], group_start[:, None] + slot, rows
+        slot < part_sizes[:, None], part_start[:, None] + slot, rows
     )
 
     def pad(t):
@@ -441,7 +453,7 @@ def _padded_kernel_gradient(a, dz, part_sizes):
 
 
 def _looped_kernel_gradient(a, dz, part_sizes, kernel_shape):
-    """The same, one matmul per group in a loop (large groups)."""
+    """The same, one matmul per expert in a loop (large parts)."""
     row_start = tf.concat([[0], tf.cumsum(part_sizes)], 0)
 
     def body(first, size):
@@ -454,8 +466,8 @@ def _looped_kernel_gradient(a, dz, part_sizes, kernel_shape):
             for ai, gi in zip(a_parts, dz_parts)
         ])
 
-    return _loop_over_groups(kernel_shape[0], body, a.dtype,
-                             kernel_shape[1:])
+    return _loop_over_experts(kernel_shape[0], body, a.dtype,
+                              kernel_shape[1:])
 
 
 def _autodiff_backward(inputs, d_outputs, kernels):
@@ -470,9 +482,9 @@ def _autodiff_backward(inputs, d_outputs, kernels):
     return d_kernel, d_inputs
 
 
-def _small_group_backward(inputs, d_outputs, kernels, part_sizes):
-    """The same, in the forms that are fast for small groups on CPU."""
-    # One batched matmul of the groups padded to the largest writes the
+def _small_parts_backward(inputs, d_outputs, kernels, part_sizes):
+    """The same, in the forms that are fast for small parts on CPU."""
+    # One batched matmul of the parts padded to the largest writes the
     # stacked gradient.
     d_kernel = _padded_kernel_gradient(
         tf.concat(inputs, 0), tf.concat(d_outputs, 0), part_sizes)

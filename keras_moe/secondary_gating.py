@@ -16,8 +16,8 @@ class SecondaryGating(NoisyTopKGating):
     https://arxiv.org/abs/1701.06538), appendix B: group `i`'s gating is
     the original `noisy_top_k_gating` with the kernels `gate_kernel[i]` and
     `noise_kernel[i]`, variables `[num_groups, d, experts_per_group]`. Each
-    row is gated by the group it was routed to (its rows come grouped, as
-    the primary `SparseDispatcher.dispatch_concatenated` returns them), so
+    row is gated by the group it was routed to (rows come group by group,
+    as the primary `SparseDispatcher.dispatch_concatenated` returns them), so
     one call computes every group's gates with a graph whose size does not
     depend on `num_groups`. `HierarchicalMixtureOfExperts` owns one.
 
@@ -129,6 +129,9 @@ class SecondaryGating(NoisyTopKGating):
         x = validation.check_finite("inputs", tf.cast(x, tf.float32))
 
         def logits(kernel):
+            # Group `i`'s kernel `kernel[i]` is, to `grouped_feed_forward`,
+            # expert `i`, and its `group_sizes[i]` rows are that expert's
+            # part.
             return grouped_feed_forward.grouped_feed_forward(
                 x, [tf.cast(kernel, tf.float32)], group_sizes,
                 lambda layer, z: z,

@@ -1,5 +1,5 @@
 """grouped_feed_forward, slab_feed_forward and slab_matmul against autodiff of the same
-per-group computation, in both backward forms."""
+per-expert computation, in both backward forms."""
 
 import os
 
@@ -51,13 +51,13 @@ BETWEEN = {
 
 
 def _reference(x, kernels, part_sizes, between_layers):
-    """The same computation, group by group, left to autodiff."""
-    num_groups = kernels[0].shape[0]
+    """The same computation, expert by expert, left to autodiff."""
+    num_experts = kernels[0].shape[0]
     outputs = []
-    parts = tf.split(x, part_sizes, num=num_groups)
-    per_group = list(zip(*[tf.unstack(k, num=num_groups) for k in kernels]))
-    for a, group_kernels in zip(parts, per_group):
-        for layer, k in enumerate(group_kernels):
+    parts = tf.split(x, part_sizes, num=num_experts)
+    per_expert = list(zip(*[tf.unstack(k, num=num_experts) for k in kernels]))
+    for a, expert_kernels in zip(parts, per_expert):
+        for layer, k in enumerate(expert_kernels):
             a = between_layers(layer, tf.matmul(a, k))
         outputs.append(a)
     return tf.concat(outputs, 0)
@@ -96,27 +96,27 @@ def _inputs(part_sizes, sizes, dtype="float32", seed=0):
 
 
 def _use_loops(monkeypatch):
-    """The loops over groups (many groups) for any number of groups, here 3
-    groups a step and the rest one by one, so that both loops run."""
-    monkeypatch.setattr(grouped_module, "MAX_UNROLLED_GROUPS", 0)
-    monkeypatch.setattr(grouped_module, "GROUPS_PER_STEP", 3)
+    """The loops over experts (many experts) for any number of experts, here
+    3 experts a step and the rest one by one, so that both loops run."""
+    monkeypatch.setattr(grouped_module, "MAX_UNROLLED_EXPERTS", 0)
+    monkeypatch.setattr(grouped_module, "EXPERTS_PER_STEP", 3)
 
 
 @pytest.fixture(params=["unrolled", "looped"])
 def graph_form(request, monkeypatch):
-    """Both graphs of `grouped_feed_forward`: one matmul per group written
-    into the graph (few groups), and the loops over groups."""
+    """Both graphs of `grouped_feed_forward`: one matmul per expert written
+    into the graph (few experts), and the loops over experts."""
     if request.param == "looped":
         _use_loops(monkeypatch)
     return request.param
 
 
-def _check_matches_autodiff(part_sizes, between, small_group_rows, traced,
+def _check_matches_autodiff(part_sizes, between, small_part_rows, traced,
                             monkeypatch):
     # The row limit picks the backward form: -1 always autodiff's, 1000
-    # always the small-group one (padded batched kernel gradient,
+    # always the small-part one (padded batched kernel gradient,
     # untransposed input gradient).
-    monkeypatch.setattr(grouped_module, "SMALL_GROUP_ROWS", small_group_rows)
+    monkeypatch.setattr(grouped_module, "SMALL_PART_ROWS", small_part_rows)
     between_layers, sizes = BETWEEN[between]
     x, kernels, part_sizes = _inputs(part_sizes, sizes)
 
@@ -134,30 +134,30 @@ def _check_matches_autodiff(part_sizes, between, small_group_rows, traced,
 @pytest.mark.parametrize("part_sizes", PART_SIZES)
 @pytest.mark.parametrize("between", sorted(BETWEEN))
 @pytest.mark.parametrize(
-    "small_group_rows", [-1, 1000], ids=["autodiff_forms", "small_forms"]
+    "small_part_rows", [-1, 1000], ids=["autodiff_forms", "small_forms"]
 )
 @pytest.mark.parametrize("traced", [False, True], ids=["eager", "function"])
-def test_matches_autodiff(part_sizes, between, small_group_rows, traced,
+def test_matches_autodiff(part_sizes, between, small_part_rows, traced,
                           monkeypatch):
-    _check_matches_autodiff(part_sizes, between, small_group_rows, traced,
+    _check_matches_autodiff(part_sizes, between, small_part_rows, traced,
                             monkeypatch)
 
 
-# The loops over groups trace slowly: every backward form, on empty,
-# one-row and large groups, with the deepest stack of layers.
+# The loops over experts trace slowly: every backward form, on empty,
+# one-row and large parts, with the deepest stack of layers.
 @pytest.mark.parametrize("part_sizes", PART_SIZES[:3])
 @pytest.mark.parametrize(
-    "small_group_rows", [-1, 1000], ids=["autodiff_forms", "small_forms"]
+    "small_part_rows", [-1, 1000], ids=["autodiff_forms", "small_forms"]
 )
 @pytest.mark.parametrize("traced", [False, True], ids=["eager", "function"])
-def test_looped_matches_autodiff(part_sizes, small_group_rows, traced,
+def test_looped_matches_autodiff(part_sizes, small_part_rows, traced,
                                  monkeypatch):
     _use_loops(monkeypatch)
-    _check_matches_autodiff(part_sizes, "gelu_3_layers", small_group_rows,
+    _check_matches_autodiff(part_sizes, "gelu_3_layers", small_part_rows,
                             traced, monkeypatch)
 
 
-def test_empty_group_gets_zero_kernel_gradient(graph_form):
+def test_expert_without_rows_gets_zero_kernel_gradient(graph_form):
     x, kernels, part_sizes = _inputs([2, 0, 3], (6, 7, 5))
     _, _, *d_kernels = _values_and_gradients(
         lambda x, k: grouped_feed_forward(x, k, part_sizes, _relu_scaled),
@@ -179,28 +179,28 @@ def test_float16(graph_form):
     )
 
 
-def test_graph_size_does_not_grow_with_the_number_of_groups():
-    def train_step(num_groups):
-        # The same rows whatever the number of groups: a large constant is
+def test_graph_size_does_not_grow_with_the_number_of_experts():
+    def train_step(num_experts):
+        # The same rows whatever the number of experts: a large constant is
         # captured differently from a small one.
         x, kernels, part_sizes = _inputs(
-            [3] * 4 + [0] * (num_groups - 4), (6, 7, 5))
+            [3] * 4 + [0] * (num_experts - 4), (6, 7, 5))
         return lambda: _values_and_gradients(
             lambda x, k: grouped_feed_forward(
                 x, k, part_sizes, _relu_scaled), x, kernels)
 
     unrolled = [graph_size(train_step(n)) for n in (8, 16)]
     assert unrolled[1] > unrolled[0] + 8 * 10  # one matmul (and more) each
-    # Past MAX_UNROLLED_GROUPS, the loops: the same graph for any number of
-    # groups with the same remainder of GROUPS_PER_STEP.
-    step = grouped_module.GROUPS_PER_STEP
-    many = grouped_module.MAX_UNROLLED_GROUPS + 1
+    # Past MAX_UNROLLED_EXPERTS, the loops: the same graph for any number of
+    # experts with the same remainder of EXPERTS_PER_STEP.
+    step = grouped_module.EXPERTS_PER_STEP
+    many = grouped_module.MAX_UNROLLED_EXPERTS + 1
     looped = [graph_size(train_step(many + n * step)) for n in (0, 10, 100)]
     assert looped[0] == looped[1] == looped[2], looped
     assert looped[0] < unrolled[1] * 4
 
 
-def test_unknown_number_of_groups_is_an_error():
+def test_unknown_number_of_experts_is_an_error():
     fn = tf.function(
         lambda x, k, p: grouped_feed_forward(x, [k], p, _relu_scaled),
         input_signature=[
@@ -229,12 +229,12 @@ def _slab_inputs(capacity, sizes, dtype="float32"):
     return x, kernels
 
 
-@pytest.fixture(params=[False, True], ids=["batched", "as_groups"])
-def slabs_as_groups(request, monkeypatch):
+@pytest.fixture(params=[False, True], ids=["batched", "per_expert"])
+def one_matmul_per_expert(request, monkeypatch):
     """Both ways of running slabs: one batched matmul per layer (XLA,
     GPUs) and one matmul per expert (CPU)."""
     monkeypatch.setattr(
-        grouped_module, "_slabs_as_groups", lambda: request.param
+        grouped_module, "_one_matmul_per_expert", lambda: request.param
     )
     return request.param
 
@@ -245,8 +245,9 @@ def slabs_as_groups(request, monkeypatch):
     "traced", [None, "static", "dynamic"],
     ids=["eager", "static_capacity", "dynamic_capacity"],
 )
-def test_slabs_match_autodiff(capacity, between, traced, slabs_as_groups):
-    # More than SMALL_GROUP_ROWS rows per slab takes autodiff's input
+def test_slabs_match_autodiff(capacity, between, traced,
+                              one_matmul_per_expert):
+    # More than SMALL_PART_ROWS rows per slab takes autodiff's input
     # gradient; a capacity unknown when tracing chooses at run time.
     between_layers, sizes = BETWEEN[between]
     x, kernels = _slab_inputs(capacity, sizes)
@@ -272,7 +273,7 @@ def test_slabs_match_autodiff(capacity, between, traced, slabs_as_groups):
 
 
 @pytest.mark.parametrize("capacity", [2, 70])
-def test_slab_matmul_is_a_batched_matmul(capacity, slabs_as_groups):
+def test_slab_matmul_is_a_batched_matmul(capacity, one_matmul_per_expert):
     x, kernels = _slab_inputs(capacity, (6, 5))
     _assert_same(
         lambda x, kernels: slab_matmul(x, kernels[0]),
@@ -281,7 +282,7 @@ def test_slab_matmul_is_a_batched_matmul(capacity, slabs_as_groups):
     )
 
 
-def test_slabs_float16(slabs_as_groups):
+def test_slabs_float16(one_matmul_per_expert):
     x, kernels = _slab_inputs(4, (6, 7, 5), "float16")
     assert slab_feed_forward(x, kernels, _relu_scaled).dtype == tf.float16
     _assert_same(
@@ -294,9 +295,9 @@ def test_slabs_float16(slabs_as_groups):
 @pytest.mark.skipif(
     bool(tf.config.list_logical_devices("GPU")), reason="CPU choice"
 )
-def test_slabs_run_as_groups_on_cpu_but_batched_under_xla():
+def test_slabs_run_per_expert_on_cpu_but_batched_under_xla():
     def choice():
-        return tf.constant(grouped_module._slabs_as_groups())
+        return tf.constant(grouped_module._one_matmul_per_expert())
 
     assert bool(choice())
     assert bool(tf.function(choice)())
@@ -305,7 +306,7 @@ def test_slabs_run_as_groups_on_cpu_but_batched_under_xla():
 
 def test_slabs_batched_when_xla_tracing_cannot_be_detected(monkeypatch):
     monkeypatch.setattr(private_hooks, "control_flow_util", None)
-    assert not grouped_module._slabs_as_groups()
+    assert not grouped_module._one_matmul_per_expert()
 
 
 def test_slabs_compile_with_xla():
@@ -336,3 +337,11 @@ def test_slabs_compile_with_xla():
 def test_layout_errors_name_the_shape(fn, x_shape, message):
     with pytest.raises(ValueError, match=message):
         fn(tf.zeros(x_shape))
+
+
+def test_former_constant_names_still_read():
+    # Renamed from the *_GROUP* names, which stay as plain aliases.
+    assert grouped_module.SMALL_GROUP_ROWS == grouped_module.SMALL_PART_ROWS
+    assert (grouped_module.MAX_UNROLLED_GROUPS
+            == grouped_module.MAX_UNROLLED_EXPERTS)
+    assert grouped_module.GROUPS_PER_STEP == grouped_module.EXPERTS_PER_STEP
