@@ -402,21 +402,13 @@ class MixtureOfExperts(_SparseMixtureBase):
 
     From Shazeer et al. (2017), "Outrageously Large Neural Networks: The
     Sparsely-Gated Mixture-of-Experts Layer"
-    (https://arxiv.org/abs/1701.06538); a port of the original
-    `LocalMixtureOfExperts`. Every position of the input (all axes but the
-    last) is a token. A noisy top-k gating network (`.gating`) picks `k` of
-    `num_experts` feed-forward experts (`.experts`) per token; only those
-    experts run on it, and the output is the gate-weighted sum of their
-    outputs.
-
-    The layer adds the paper's balancing loss with `add_loss`:
-    `loss_coef * (cv_squared(importance) + cv_squared(load))`, where
-    `importance` is the sum of each expert's gates over the batch and `load`
-    the (smooth, while noisy) number of tokens each expert receives.
-
-    With the default exact dispatch, shapes depend on the routing, so the
-    layer sets `supports_jit = False`; `dispatch="capacity"` has static
-    shapes and compiles with XLA.
+    (https://arxiv.org/abs/1701.06538). Every position of the input (all
+    axes but the last) is a token; a noisy top-k gating network (`.gating`)
+    sends it to `k` of `num_experts` feed-forward experts (`.experts`), and
+    its output is the gate-weighted sum of theirs. The layer adds the
+    balancing loss `loss_coef * (cv_squared(importance) + cv_squared(load))`
+    with `add_loss`. More in docs/guide.md and docs/api.md; for users of the
+    original `expert_utils.py`, docs/migration.md.
 
     Args:
         num_experts: int >= 1.
@@ -424,62 +416,43 @@ class MixtureOfExperts(_SparseMixtureBase):
         output_dim: int, or None (default) for the input's size.
         hidden_sizes: tuple of ints, the experts' hidden layer sizes.
         hidden_activation: activation of the experts' hidden layers.
-        autoscale: bool, the original's expert `autoscale`.
-        noisy_gating: bool, tunable gating noise while training.
+        autoscale: bool; multiply the matmul of each expert layer whose
+            input size `m` is not the input's `d` by `(m / d) ** -0.5`.
+        noisy_gating: bool, learned gating noise while training.
         noise_epsilon: float >= 0, added to the noise standard deviation.
         loss_coef: float >= 0, the weight of the balancing loss.
-        gate_initializer: initializer of the gating kernels (zeros, as the
-            original).
+        gate_initializer: initializer of the gating kernels.
         expert_initializer: initializer of each expert's kernels.
         seed: optional int, the seed of the gating noise.
-        cross_replica_balance: bool. Under a `tf.distribute` strategy with
-            several replicas, sum importance and load over all replicas
-            before the balancing loss (default), so it balances the global
-            batch as the original did over its datashards; False balances
-            each replica's share alone (no cross-replica communication,
-            a noisier loss).
-        routing_metrics: bool. Track the balancing loss, the CV^2 of
-            importance and of load, and `max_overload(load)` as Keras
-            metrics named `{layer name}_aux_loss`, `_importance_cv2`,
-            `_load_cv2` and `_max_overload`, which `fit` and `evaluate`
-            report (progress bar, history, TensorBoard). Global under
-            `tf.distribute` when `cross_replica_balance` is on. Also
-            update `last_importance` and `last_load`, the last training
-            batch's importance and load, for `callbacks.RoutingMonitor`
-            (the layer has these two non-trainable weights either way,
-            so weights move between the two settings).
-        dispatch: `"sparse"` (default): exact, each expert gets exactly
-            its tokens, shapes depend on the data (no XLA). `"capacity"`:
-            each expert gets `capacity` slots, static shapes, compiles with
-            XLA (`supports_jit`); a token past an expert's capacity is
-            dropped from that expert, tokens queueing in flattened input
-            order (see `CapacityDispatcher`).
+        cross_replica_balance: bool; under a `tf.distribute` strategy, sum
+            importance and load over the replicas before the loss.
+        routing_metrics: bool; track the loss and the balance as metrics
+            `{name}_aux_loss`, ..., and update `last_importance`, `last_load`.
+        dispatch: `"sparse"` (exact, no XLA) or `"capacity"` (fixed slots
+            per expert, compiles with XLA, drops tokens past capacity).
         capacity_factor: float > 0; with `dispatch="capacity"`, training
-            capacity is `ceil(capacity_factor * tokens * k / num_experts)`
-            slots per expert (at least `min_capacity`, at most `tokens`).
-        eval_capacity_factor: float > 0, the same in inference. A factor
-            of `num_experts / k` or more never drops a token.
+            slots per expert: `ceil(capacity_factor * tokens * k /
+            num_experts)`, within `[min_capacity, tokens]`.
+        eval_capacity_factor: float > 0, the same in inference (from
+            `num_experts / k` on, no token is dropped).
         min_capacity: int >= 1, the fewest slots per expert.
         **kwargs: base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
         inputs: a float tensor `[..., d]` of rank >= 2.
         training: Python bool; gating noise only when true.
-        mask: optional bool tensor `inputs.shape[:-1]`. Masked positions
-            are not routed, output zeros and count in neither importance nor
-            load. Keras passes the mask attached to `inputs` (e.g. by
-            `Embedding(mask_zero=True)`) by itself.
+        mask: optional bool tensor `inputs.shape[:-1]` (Keras passes the
+            mask of `inputs`); masked positions are not routed, output zeros
+            and count in no statistic.
         gate_multiplier: optional float tensor `inputs.shape[:-1]`, finite
-            and >= 0, multiplied into each token's gates (the original's
-            `per_example_multiplier`); a zero sends the token nowhere.
+            and >= 0, multiplied into each token's gates.
         gating_inputs: optional float tensor `[..., d_gate]` with the same
-            leading shape: the gate reads it and the experts read `inputs`
-            (the original's `xs` and `shadow_xs`).
+            leading shape: the gate reads it, the experts read `inputs`.
         return_routing: bool; also return a dict of routing tensors.
         noise: optional float tensor `inputs.shape[:-1] + (num_experts,)`,
             the standard-normal gating draw to use instead of a fresh one.
-        inputs_mask: where Keras passes the mask attached to `inputs` when
-            other tensor arguments are given; used when `mask` is None.
+        inputs_mask: where Keras passes the mask of `inputs` when other
+            tensor arguments are given; used when `mask` is None.
 
     Input shape:
         `(..., d)`.
@@ -488,17 +461,10 @@ class MixtureOfExperts(_SparseMixtureBase):
         `(..., output_dim)`.
 
     Returns:
-        The outputs; with `return_routing=True`, `(outputs, routing)` where
-        `routing` holds `gates` `(..., num_experts)` (zero at masked
-        positions), `importance` `(num_experts,)`, `load` `(num_experts,)`,
-        `aux_loss` (scalar), `part_sizes` `(num_experts,)` int32, and one
-        entry per routed (token, expert) pair, sorted by expert then token:
-        `expert_index` int32, `token_index` int64 (the token's position in
-        `inputs` flattened over its leading axes) and `expert_gates`; with
-        `dispatch="capacity"` also `dropped_fraction`, the share of
-        (token, expert) choices dropped for lack of capacity (the pairs
-        and `part_sizes` then count kept choices only; `gates`,
-        `importance` and `load` are the gating network's, before drops).
+        The outputs; with `return_routing=True`, `(outputs, routing)`, where
+        `routing` holds `gates`, `importance`, `load`, `aux_loss`,
+        `part_sizes`, `expert_index`, `token_index` and `expert_gates` (and
+        `dropped_fraction` with `dispatch="capacity"`): see docs/api.md.
 
     Example:
 
