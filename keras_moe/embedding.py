@@ -107,7 +107,7 @@ class ShardedEmbedding(keras.layers.Layer):
 
     Args:
         input_dim: int >= 1, the vocabulary size (ids lie in
-            `[0, input_dim)`).
+            `[0, input_dim)`), as in `keras.layers.Embedding`.
         output_dim: int >= 1, the width of an embedding.
         num_shards: int in `[1, input_dim]`, the number of shard variables.
         shard_devices: optional list of `num_shards` device names (or

@@ -2,6 +2,8 @@
 `SampledSoftmaxLoss` and `ParallelSampledSoftmaxLoss` as a Keras layer that
 reads its class weights from a `ShardedEmbedding`."""
 
+import warnings
+
 import keras
 import tensorflow as tf
 
@@ -121,15 +123,21 @@ class SampledSoftmaxLoss(keras.layers.Layer):
             table (see `ShardedEmbedding`).
         embeddings_initializer: initializer of the owned table.
         embedding: optional `ShardedEmbedding` with `input_dim ==
-            num_classes` to read the class weights from instead of owning a
-            table, e.g. the input embedding, to tie them (its `output_dim`
-            must be the features' width). In a model that also uses the
-            embedding as a layer, the tie survives a `.keras` round trip
-            (Keras restores a shared object once).
+            num_classes` (its vocabulary) to read the class weights from
+            instead of owning a table, e.g. the input embedding, to tie them
+            (its `output_dim` must be the features' width). In a model
+            that also uses the embedding as a layer, the tie survives a
+            `.keras` round trip (Keras restores a shared object once).
         **kwargs: base layer keyword arguments (`name`, `dtype`, ...).
 
+    Attributes:
+        feature_dim: the width `d` of `features`, which is the class
+            table's `output_dim`; `None` until built. (Formerly
+            `input_dim`, a deprecated alias now: `input_dim` of a
+            `ShardedEmbedding` is its vocabulary size.)
+
     Call arguments:
-        features: float `[..., d]`.
+        features: float `[..., d]`, `d` = `feature_dim`.
         target_classes: integer `[...]`, ids in `[0, num_classes)`.
         training: Python bool; sampled loss when true, full softmax
             otherwise.
@@ -158,6 +166,8 @@ class SampledSoftmaxLoss(keras.layers.Layer):
     TensorShape([4])
     >>> loss_layer.logits(features).shape
     TensorShape([4, 50])
+    >>> loss_layer.feature_dim
+    6
     """
 
     def __init__(
@@ -268,8 +278,29 @@ class SampledSoftmaxLoss(keras.layers.Layer):
         return super().__call__(features, *args, **kwargs)
 
     @property
-    def input_dim(self):
+    def feature_dim(self):
+        """The width `d` of `features` (the class table's `output_dim`);
+        `None` until the layer is built."""
         return self.embedding.output_dim if self.built else None
+
+    @property
+    def input_dim(self):
+        """Deprecated alias of `feature_dim`."""
+        # Renamed: on a `ShardedEmbedding` (and `keras.layers.Embedding`)
+        # `input_dim` is the vocabulary size, here it was the feature width.
+        warnings.warn(
+            "`SampledSoftmaxLoss.input_dim` is deprecated; use `feature_dim` "
+            "(the width of `features`). (`input_dim` of a `ShardedEmbedding` "
+            "is its vocabulary size.)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.feature_dim
+
+    def __dir__(self):
+        # Keras's saving reads every attribute `dir()` lists: leaving the
+        # deprecated alias out keeps its warning for code that names it.
+        return [name for name in super().__dir__() if name != "input_dim"]
 
     def _sample(self, flat_targets):
         sampler = SAMPLERS.get(self.sampler, self.sampler)
@@ -354,13 +385,13 @@ class SampledSoftmaxLoss(keras.layers.Layer):
     ):
         features = validation.check_float_tensor("features", features)
         validation.check_input_shape(
-            "features", features.shape, 2, None, self.input_dim
+            "features", features.shape, 2, None, self.feature_dim
         )
         targets = check_ids("target_classes", target_classes, self.num_classes)
         targets = validation.check_leading_shape(
             "target_classes", targets, features, "features"
         )
-        x = tf.reshape(tf.cast(features, tf.float32), [-1, self.input_dim])
+        x = tf.reshape(tf.cast(features, tf.float32), [-1, self.feature_dim])
         t = tf.reshape(targets, [-1])
         if training:
             if sampled_values is None:
@@ -434,9 +465,9 @@ class SampledSoftmaxLoss(keras.layers.Layer):
         if not self.built:
             self.build(features.shape)
         validation.check_input_shape(
-            "features", features.shape, 2, None, self.input_dim
+            "features", features.shape, 2, None, self.feature_dim
         )
-        x = tf.reshape(tf.cast(features, tf.float32), [-1, self.input_dim])
+        x = tf.reshape(tf.cast(features, tf.float32), [-1, self.feature_dim])
         out = tf.reshape(
             self._flat_logits(x),
             tf.concat([tf.shape(features)[:-1], [self.num_classes]], 0),

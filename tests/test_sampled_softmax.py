@@ -14,6 +14,7 @@ Keras training, serialization and export, mixed precision and bad input.
 import doctest
 import functools
 import json
+import warnings
 
 import keras
 import numpy as np
@@ -294,6 +295,41 @@ def test_tied_embedding():
         SampledSoftmaxLoss(15, 5, embedding=keras.layers.Embedding(15, 4))
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["owned", "tied"])
+def test_feature_dim_is_the_width_of_the_features(tied):
+    """`feature_dim` is the features' width `d` (the class table's
+    `output_dim`), not the vocabulary that `input_dim` is on the table."""
+    emb = ShardedEmbedding(15, 4, 3) if tied else None
+    layer = SampledSoftmaxLoss(15, 5, num_shards=2, embedding=emb)
+    assert layer.feature_dim is None  # until built
+    layer(np.ones((3, 2, 4), np.float32), np.array([[0, 1]] * 3))
+    assert layer.feature_dim == 4 == layer.embedding.output_dim
+    assert layer.embedding.input_dim == 15
+
+
+def test_input_dim_is_a_deprecated_alias_of_feature_dim():
+    layer = SampledSoftmaxLoss(15, 5, num_shards=2)
+    with pytest.warns(DeprecationWarning, match="use `feature_dim`") as seen:
+        assert layer.input_dim is None
+    layer, _ = _layer(num_classes=15, width=6)
+    with pytest.warns(DeprecationWarning, match="input_dim.*feature_dim"):
+        old = layer.input_dim
+    assert old == layer.feature_dim == 6
+    # The warning points at the caller's line, not into keras_moe.
+    assert [w.filename for w in seen] == [__file__]
+    # The layer itself reads only the new name: calls, logits and configs
+    # warn about nothing.
+    x = np.random.RandomState(2).normal(size=(3, 6)).astype(np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for training in (True, False):
+            layer(x, np.array([0, 14, 3]), training=training)
+        layer.logits(x)
+        config = layer.get_config()
+    assert not [w for w in caught if "input_dim" in str(w.message)]
+    assert "input_dim" not in config
+
+
 def test_mixed_precision():
     keras.config.set_dtype_policy("mixed_float16")
     layer = SampledSoftmaxLoss(10, 3, num_shards=2)
@@ -369,8 +405,12 @@ def test_keras_file_round_trip(tmp_path):
     ids, targets = _data(4)
     expected = model.predict([ids, targets], verbose=0)
     path = str(tmp_path / "model.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path, safe_mode=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.save(path)
+        loaded = keras.saving.load_model(path, safe_mode=True)
+    # Keras's saving reads every attribute, but not the deprecated alias.
+    assert not [w for w in caught if "input_dim" in str(w.message)]
     layer = loaded.get_layer("sampled_softmax")
     assert isinstance(layer, SampledSoftmaxLoss)
     assert len(layer.embedding.shards) == 3
