@@ -4,7 +4,6 @@ checked against the layer's own routing of each batch; the PNG heat map,
 decoded by `tf.io.decode_png` and checked pixel by pixel; and its errors.
 The heat map's labels are checked in test_heatmap.py."""
 
-import doctest
 import glob
 import os
 import warnings
@@ -411,10 +410,3 @@ def test_save_heatmap_errors(tmp_path):
     with pytest.raises(TypeError, match="Received: renderer=3"):
         monitor.save_heatmap(tmp_path / "x.png", renderer=3)
     assert not (tmp_path / "x.png").exists()
-
-
-def test_docstring_examples():
-    result = doctest.testmod(callbacks, extraglobs={"np": np},
-                             optionflags=doctest.ELLIPSIS, verbose=False)
-    assert result.attempted > 0
-    assert result.failed == 0

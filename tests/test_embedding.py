@@ -9,14 +9,11 @@ Then the shard layout, dedup and placement, any input rank, strategies,
 serialization and SavedModel export, mixed precision, and bad input.
 """
 
-import doctest
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_moe import embedding as embedding_module
 from keras_moe.embedding import ShardedEmbedding, shard_rows
 from strategies import mirrored
 from numerics import FORWARD, GRADIENT, assert_close
@@ -214,12 +211,6 @@ def test_mixed_precision():
     out = layer(np.array([1, 6]))
     assert out.dtype == tf.float16
     assert all(s.dtype == "float32" for s in layer.shards)
-
-
-def test_docstring_example():
-    result = doctest.testmod(embedding_module, extraglobs={"np": np},
-                             optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 # --------------------------------------------------------------------------

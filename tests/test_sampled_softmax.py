@@ -11,7 +11,6 @@ Then inference (full softmax), the samplers, tying to a ShardedEmbedding,
 Keras training, serialization and export, mixed precision and bad input.
 """
 
-import doctest
 import functools
 import json
 import warnings
@@ -21,7 +20,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_moe import sampled_softmax as sampled_softmax_module
 from keras_moe.embedding import ShardedEmbedding
 from keras_moe.sampled_softmax import SampledSoftmaxLoss, sampled_softmax_loss
 from numerics import FORWARD, GRADIENT, assert_close
@@ -339,12 +337,6 @@ def test_mixed_precision():
         assert loss.dtype == tf.float32
         assert np.isfinite(loss.numpy()).all()
     assert all(v.dtype == "float32" for v in layer.weights)
-
-
-def test_docstring_example():
-    result = doctest.testmod(sampled_softmax_module, extraglobs={"np": np},
-                             optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 # --------------------------------------------------------------------------
