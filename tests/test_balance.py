@@ -1,21 +1,23 @@
-"""cv_squared, max_overload, gates_to_load against hand-computed values."""
+"""The statistics of keras_moe/balance.py: cv_squared, max_overload,
+gates_to_load against hand-computed values (cv_squared also against the
+NumPy reference of tests/balance_reference.py, which the hand-computed
+values check too). The balancing loss of the MoE layers built from them is
+tested in test_balancing.py."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import balance_reference as reference
 import keras_moe
 from numerics import ELEMENTWISE, FORWARD, assert_close
 
 
-def _cv_squared_reference(x):
-    x = np.asarray(x, np.float64).ravel()
-    size = x.size + 1e-10
-    mean = x.sum() / size
-    variance = ((x - mean) ** 2).sum() / size
-    return variance / (mean**2 + 1e-10)
-
-
+@pytest.mark.parametrize(
+    "cv_squared",
+    [keras_moe.cv_squared, reference.cv_squared],
+    ids=["keras_moe", "numpy_reference"],
+)
 @pytest.mark.parametrize(
     "values, expected",
     [
@@ -29,11 +31,11 @@ def _cv_squared_reference(x):
         ([0.0, 0.0, 0.0], 0.0),
     ],
 )
-def test_cv_squared_hand_computed(values, expected):
+def test_cv_squared_hand_computed(cv_squared, values, expected):
     # CV^2 is computed from x / mean, of order 1: that is the floor for the
     # references that are zero.
-    assert_close(keras_moe.cv_squared(tf.constant(values, tf.float32)),
-                 expected, ELEMENTWISE, floor=1.0, what=f"cv_squared{values}")
+    assert_close(cv_squared(tf.constant(values, tf.float32)), expected,
+                 ELEMENTWISE, floor=1.0, what=f"cv_squared{values}")
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4)])
@@ -42,7 +44,7 @@ def test_cv_squared_matches_formula_for_any_shape(shape):
     result = keras_moe.cv_squared(x)
     assert result.dtype == tf.float32
     # Two reductions and a division, in float32 against float64.
-    assert_close(result, _cv_squared_reference(x), FORWARD,
+    assert_close(result, reference.cv_squared(x), FORWARD,
                  what=f"cv_squared of shape {shape}")
 
 

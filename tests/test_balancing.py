@@ -1,22 +1,17 @@
-"""The balancing loss: it is what the paper says, and it balances."""
+"""The MoE layer's balancing loss: it is what the paper says, and it
+balances. (The statistics it is built from are tested in test_balance.py;
+both check against the one NumPy CV^2 of tests/balance_reference.py.)"""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import balance_reference as reference
 import keras_moe
 from numerics import ELEMENTWISE, FORWARD, assert_close
 
 D, NUM_EXPERTS, K = 8, 8, 2
-
-
-def _cv_squared(v):
-    """The original CVSquared, in float64."""
-    v = np.asarray(v, np.float64)
-    size = v.size + 1e-10
-    mean = v.sum() / size
-    return ((v - mean) ** 2).sum() / size / (mean**2 + 1e-10)
 
 
 def _skewed_inputs(rng, batch):
@@ -60,13 +55,13 @@ def _train(loss_coef, steps=150, seed=0):
 
     held_out = _skewed_inputs(np.random.RandomState(10_000 + seed), 1024)
     _, routing = layer(held_out, training=False, return_routing=True)
-    before = _cv_squared(routing["load"])
+    before = reference.cv_squared(routing["load"])
     for _ in range(steps):
         x = _skewed_inputs(rng, 256)
         loss = train_step(x, x @ target)
     assert np.isfinite(float(loss))
     _, routing = layer(held_out, training=False, return_routing=True)
-    return before, _cv_squared(routing["load"]), routing
+    return before, reference.cv_squared(routing["load"]), routing
 
 
 def test_balancing_loss_balances_the_load():
@@ -113,7 +108,8 @@ def test_aux_loss_is_cv_squared_of_own_routing(
     load = np.asarray(routing["load"])
     gates = np.asarray(routing["gates"]).reshape(-1, NUM_EXPERTS)
     assert_close(importance, gates.sum(0), ELEMENTWISE, what="importance")
-    expected = loss_coef * (_cv_squared(importance) + _cv_squared(load))
+    expected = loss_coef * (reference.cv_squared(importance)
+                            + reference.cv_squared(load))
     assert len(layer.losses) == 1
     aux = layer.losses[0]
     assert aux.dtype == "float32" and aux.shape == ()
@@ -123,7 +119,8 @@ def test_aux_loss_is_cv_squared_of_own_routing(
     assert_close(aux, expected, FORWARD, what="layer.losses[0]")
     assert_close(routing["aux_loss"], expected, FORWARD, what="aux_loss")
     # keras_moe.cv_squared is the same function.
-    assert_close(keras_moe.cv_squared(importance), _cv_squared(importance),
+    assert_close(keras_moe.cv_squared(importance),
+                 reference.cv_squared(importance),
                  FORWARD, what="cv_squared(importance)")
     if loss_coef > 0:
         # The skewed inputs leave the experts unevenly loaded: a real loss.
@@ -143,8 +140,8 @@ def test_aux_loss_is_part_of_the_compiled_loss():
 
     outputs, routing = moe(x, return_routing=True)  # inference: no noise
     mse = np.mean((np.asarray(outputs) - y) ** 2)
-    aux = 0.5 * (_cv_squared(routing["importance"])
-                 + _cv_squared(routing["load"]))
+    aux = 0.5 * (reference.cv_squared(routing["importance"])
+                 + reference.cv_squared(routing["load"]))
     assert aux > 1e-3
 
     evaluated = model.evaluate(x, y, batch_size=64, verbose=0,
