@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import keras_moe
+from balance_reference import cv_squared
 from numerics import (ELEMENTWISE, FORWARD, assert_close, max_abs,
                       tolerance)
 
@@ -169,7 +170,7 @@ def test_gates_load_importance_and_aux_loss(noisy_gating, training, data):
 
     # The balancing loss is loss_coef * (cv^2(importance) + cv^2(load)).
     expected = layer.loss_coef * (
-        _cv_squared(routing["importance"]) + _cv_squared(load)
+        cv_squared(routing["importance"]) + cv_squared(load)
     )
     # Float32 against float64 from the same importance and load. CV^2 is
     # computed from x / mean, of order 1: the floor, for the balanced cases
@@ -213,11 +214,3 @@ def _no_boundary_ties(layer, case, k):
         return True
     ordered = -np.sort(-logits, axis=1)
     return bool(np.all(ordered[:, k - 1] - ordered[:, k] > 1e-4))
-
-
-def _cv_squared(v):
-    """The original CVSquared in float64."""
-    v = np.asarray(v, np.float64)
-    size = v.size + 1e-10
-    mean = v.sum() / size
-    return ((v - mean) ** 2).sum() / size / (mean**2 + 1e-10)
