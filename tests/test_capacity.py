@@ -149,14 +149,14 @@ def _assert_capacity_equals_sparse(sparse_results, capacity_results):
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("slabs_as_groups", [True, False],
+@pytest.mark.parametrize("per_expert", [True, False],
                          ids=["per_expert", "batched"])
 def test_equals_sparse_dispatch_when_nothing_is_dropped(
-        training, masked, slabs_as_groups, monkeypatch):
+        training, masked, per_expert, monkeypatch):
     # Both forms of the experts' slabs: one matmul per expert (CPU) and
     # one batched matmul per layer (XLA, GPUs).
-    monkeypatch.setattr(grouped_feed_forward, "_slabs_as_groups",
-                        lambda: slabs_as_groups)
+    monkeypatch.setattr(grouped_feed_forward, "_one_matmul_per_expert",
+                        lambda: per_expert)
     sparse, capacity = _pair()
     x, noise, mask = _pair_data(masked)
     _assert_capacity_equals_sparse(
@@ -164,16 +164,16 @@ def test_equals_sparse_dispatch_when_nothing_is_dropped(
         _outputs_routing_and_gradients(capacity, x, noise, mask, training))
 
 
-@pytest.mark.parametrize("slabs_as_groups", [True, False],
+@pytest.mark.parametrize("per_expert", [True, False],
                          ids=["per_expert", "batched"])
 def test_capacity_equals_sparse_catches_one_expert_off_by_1e_3(
-        slabs_as_groups, monkeypatch):
+        per_expert, monkeypatch):
     # The comparison above is sharp: the smallest defect that matters, one
     # expert's output kernel off by 1e-3 relative (here in the expert that
     # receives the fewest tokens, so the defect touches as little as it
     # can), fails it.
-    monkeypatch.setattr(grouped_feed_forward, "_slabs_as_groups",
-                        lambda: slabs_as_groups)
+    monkeypatch.setattr(grouped_feed_forward, "_one_matmul_per_expert",
+                        lambda: per_expert)
     sparse, capacity = _pair()
     x, noise, mask = _pair_data(masked=False)
     expected = _outputs_routing_and_gradients(sparse, x, noise, mask, True)

@@ -130,8 +130,8 @@ def test_any_rank_and_mask_equal_the_unmasked_rows(training):
 def test_graph_size_does_not_depend_on_the_number_of_groups():
     # The groups' weights are stacked and all groups computed at once: the
     # training step's graph is the same for any num_groups and
-    # experts_per_group (past MAX_UNROLLED_GROUPS groups, and experts in
-    # all: below, grouped_feed_forward unrolls its per-group matmuls).
+    # experts_per_group (past MAX_UNROLLED_EXPERTS groups, and experts in
+    # all: below, grouped_feed_forward unrolls its per-expert matmuls).
     def train_step_size(num_groups, experts_per_group):
         layer = keras_moe.HierarchicalMixtureOfExperts(
             num_groups, experts_per_group, hidden_sizes=(4,))

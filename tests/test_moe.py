@@ -284,7 +284,7 @@ def test_functional_model_fit_step_and_no_xla():
 
 @pytest.mark.parametrize("dispatch", ["sparse", "capacity"])
 def test_graph_size_does_not_grow_with_the_number_of_experts(dispatch):
-    # Past grouped_feed_forward.MAX_UNROLLED_GROUPS experts the per-expert
+    # Past grouped_feed_forward.MAX_UNROLLED_EXPERTS experts the per-expert
     # matmuls run in graph loops: the same training step for any number.
     def train_step_size(num_experts):
         layer = keras_moe.MixtureOfExperts(
@@ -292,8 +292,8 @@ def test_graph_size_does_not_grow_with_the_number_of_experts(dispatch):
         layer.build((None, 5))
         return training_step_size(layer, 5)
 
-    step = grouped_feed_forward.GROUPS_PER_STEP
-    first = grouped_feed_forward.MAX_UNROLLED_GROUPS + step
+    step = grouped_feed_forward.EXPERTS_PER_STEP
+    first = grouped_feed_forward.MAX_UNROLLED_EXPERTS + step
     sizes = [train_step_size(first), train_step_size(first + 60 * step)]
     assert sizes[0] == sizes[1], sizes
 
