@@ -112,9 +112,9 @@ def save_load_heatmap(
         cell_size: `(height, width)` in pixels of one cell, ints >= 1.
         max_steps: optional int >= 1. With more steps than this, consecutive
             steps are averaged (relative loads, in `max_steps` nearly equal
-            groups, as `numpy.array_split` makes them) so the map is at
+            runs of steps, as `numpy.array_split` makes them) so the map is at
             most `max_steps` cells wide; a column's step number is then the
-            last step of its group.
+            last step of its run.
         labels: bool; draw the axes' names, tick numbers, titles and the
             colour bar around the map.
         steps: optional 1-D integer array-like, the step number of each
