@@ -1,0 +1,193 @@
+"""Every keras_moe layer passes `layer_test_case.run_layer_test`: build,
+symbolic call, config and `.keras` round trips, a `fit` step and mixed
+precision (tests/layer_test_case.py says what each check asserts).
+
+Each case sets its arguments away from their defaults, so that a config
+that loses one gives another layer."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_moe
+from keras_moe.secondary_gating import SecondaryGating
+from layer_test_case import COMPUTE, LayerCase, Spec, run_layer_test
+
+_rng = np.random.default_rng(0)
+
+
+def _normal(*shape):
+    return _rng.normal(size=shape).astype("float32")
+
+
+def _routing(num_experts, batch_shape, statistics_shape, drops=False):
+    """The `return_routing=True` dict of the MoE layers."""
+    routing = {
+        "gates": Spec(batch_shape + (num_experts,), "float32"),
+        "importance": Spec(statistics_shape, "float32"),
+        "load": Spec(statistics_shape, "float32"),
+        "aux_loss": Spec((), "float32"),
+        "part_sizes": Spec((num_experts,), "int32"),
+        "expert_index": Spec((None,), "int32"),
+        "token_index": Spec((None,), "int64"),
+        "expert_gates": Spec((None,), "float32"),
+    }
+    if drops:
+        routing["dropped_fraction"] = Spec((), "float32")
+    return routing
+
+
+def _moe_metrics(name, drops=False):
+    keys = ["aux_loss", "importance_cv2", "load_cv2", "max_overload"]
+    return tuple(f"{name}_{key}"
+                 for key in keys + (["dropped_fraction"] if drops else []))
+
+
+CASES = [
+    LayerCase(
+        id="moe_sparse",
+        cls=keras_moe.MixtureOfExperts,
+        init_kwargs=dict(
+            num_experts=4, k=2, output_dim=3, hidden_sizes=(6,),
+            hidden_activation="gelu", autoscale=False, noise_epsilon=0.05,
+            loss_coef=0.1,
+            gate_initializer=keras.initializers.RandomNormal(stddev=0.5,
+                                                             seed=1),
+            expert_initializer=keras.initializers.HeNormal(seed=2), seed=7,
+            cross_replica_balance=False, name="moe",
+        ),
+        inputs={"inputs": _normal(7, 5, 6)},
+        call_kwargs=dict(return_routing=True),
+        outputs=(Spec((None, 5, 3)), _routing(4, (None, 5), (4,))),
+        # Gate and noise kernels, the experts' two; last_importance and
+        # last_load.
+        num_trainable_weights=4, num_non_trainable_weights=2, num_losses=1,
+        metrics=_moe_metrics("moe"),
+        supports_jit=False, mixed_policy="mixed_float16",
+    ),
+    LayerCase(
+        id="moe_capacity",
+        cls=keras_moe.MixtureOfExperts,
+        init_kwargs=dict(
+            num_experts=5, k=3, hidden_sizes=(7, 5),
+            hidden_activation="tanh", noisy_gating=False,
+            gate_initializer="random_normal", dispatch="capacity",
+            capacity_factor=1.0, eval_capacity_factor=1.5, min_capacity=2,
+            name="moe",
+        ),
+        inputs={"inputs": _normal(6, 4, 8)},
+        call_kwargs=dict(return_routing=True),
+        outputs=(Spec((None, 4, 8)),
+                 _routing(5, (None, 4), (5,), drops=True)),
+        num_trainable_weights=4, num_non_trainable_weights=2, num_losses=1,
+        metrics=_moe_metrics("moe", drops=True),
+        supports_jit=True, mixed_policy="mixed_bfloat16",
+    ),
+    LayerCase(
+        id="hierarchical_moe",
+        cls=keras_moe.HierarchicalMixtureOfExperts,
+        init_kwargs=dict(
+            num_groups=2, experts_per_group=3, k=1, group_k=2, output_dim=4,
+            hidden_sizes=(5,), noise_epsilon=0.02, loss_coef=0.05,
+            gate_initializer=keras.initializers.RandomNormal(seed=3),
+            seed=4, routing_metrics=False, name="hmoe",
+        ),
+        # The primary gate reads `gating_inputs`, the rest `inputs`.
+        inputs={"inputs": _normal(3, 4, 6), "gating_inputs": _normal(3, 4, 2)},
+        outputs=Spec((None, 4, 4)),
+        # Primary gate and noise, secondary gate and noise, the experts'
+        # two.
+        num_trainable_weights=6, num_non_trainable_weights=2, num_losses=1,
+        supports_jit=False, mixed_policy="mixed_bfloat16",
+    ),
+    LayerCase(
+        id="noisy_top_k_gating",
+        cls=keras_moe.NoisyTopKGating,
+        init_kwargs=dict(
+            num_experts=5, k=3, noise_epsilon=0.1,
+            kernel_initializer=keras.initializers.TruncatedNormal(seed=3),
+            seed=11,
+        ),
+        inputs={"inputs": _normal(9, 6)},
+        # (gates, load): float32 under every policy.
+        outputs=(Spec((None, 5), "float32"), Spec((5,), "float32")),
+        num_trainable_weights=2,
+        supports_jit=True, mixed_policy="mixed_float16",
+    ),
+    LayerCase(
+        id="secondary_gating",
+        cls=SecondaryGating,
+        init_kwargs=dict(
+            num_groups=3, experts_per_group=4, k=1, noise_epsilon=0.05,
+            kernel_initializer=keras.initializers.RandomNormal(seed=3),
+            seed=5,
+        ),
+        inputs={"inputs": _normal(7, 5),
+                "group_sizes": np.array([4, 0, 3], "int32")},
+        unbatched=("group_sizes",),
+        # (gates, row_load).
+        outputs=(Spec((None, 4), "float32"), Spec((None, 4), "float32")),
+        num_trainable_weights=2,
+        supports_jit=True, mixed_policy="mixed_bfloat16",
+    ),
+    LayerCase(
+        id="feed_forward_experts",
+        cls=keras_moe.FeedForwardExperts,
+        init_kwargs=dict(
+            num_experts=3, output_dim=2, hidden_sizes=(6,),
+            hidden_activation="sigmoid", autoscale=False,
+            kernel_initializer=keras.initializers.Orthogonal(seed=4),
+        ),
+        inputs={"inputs": _normal(10, 5),
+                "part_sizes": np.array([4, 1, 5], "int32")},
+        unbatched=("part_sizes",),
+        outputs=Spec((None, 2)),
+        num_trainable_weights=2,
+        supports_jit=True, mixed_policy="mixed_float16",
+    ),
+    LayerCase(
+        id="sharded_embedding",
+        cls=keras_moe.ShardedEmbedding,
+        init_kwargs=dict(
+            input_dim=11, output_dim=4, num_shards=3,
+            embeddings_initializer=keras.initializers.RandomNormal(seed=5),
+            embeddings_regularizer="l2",
+        ),
+        # Every id once at least: one step moves every shard.
+        inputs={"inputs": np.arange(12, dtype="int32").reshape(3, 4) % 11},
+        outputs=Spec((None, 4, 4)),
+        # The regularizer's term of each shard.
+        num_trainable_weights=3, num_losses=3,
+        supports_jit=False, mixed_policy="mixed_float16",
+    ),
+    LayerCase(
+        id="sampled_softmax_loss",
+        cls=keras_moe.SampledSoftmaxLoss,
+        init_kwargs=dict(
+            num_classes=12, num_sampled=4, num_shards=2, sampler="uniform",
+            unique=False, seed=3,
+            embeddings_initializer=keras.initializers.RandomNormal(seed=2),
+        ),
+        inputs={"features": _normal(6, 5),
+                "target_classes": np.array([0, 3, 11, 6, 1, 6], "int32")},
+        # The per-example loss, float32 under every policy.
+        outputs=Spec((None,), "float32"),
+        num_trainable_weights=2,
+        supports_jit=False, mixed_policy="mixed_bfloat16",
+    ),
+]
+
+
+def test_every_public_layer_has_a_case():
+    layers = {
+        obj for obj in vars(keras_moe).values()
+        if isinstance(obj, type) and issubclass(obj, keras.layers.Layer)
+    }
+    covered = {case.cls for case in CASES}
+    assert layers - covered == set(), layers - covered
+    assert SecondaryGating in covered
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
+def test_layer(case, tmp_path):
+    run_layer_test(case, tmp_path)
