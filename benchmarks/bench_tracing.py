@@ -152,7 +152,7 @@ def run_worker(name, spec):
     import keras
 
     import keras_moe
-    from tests import cpu_settings
+    from reference_harness import cpu_settings
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)

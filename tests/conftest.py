@@ -20,7 +20,7 @@ tf.config.set_logical_device_configuration(
 
 def pytest_report_header(config):
     # Numbers round differently on each CPU and oneDNN setting: say which.
-    import cpu_settings
+    from reference_harness import cpu_settings
 
     return cpu_settings.describe()
 

@@ -1,4 +1,5 @@
-"""The oneDNN probe that .ci/run and pytest's header rely on."""
+"""The oneDNN probe (reference_harness.cpu_settings) that .ci/run,
+pytest's header and benchmarks/bench_tracing.py rely on."""
 
 import os
 import subprocess
@@ -6,10 +7,7 @@ import sys
 
 import pytest
 
-import cpu_settings
-
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "cpu_settings.py")
+from reference_harness import REPO_ROOT, cpu_settings
 
 
 def _run(*args, onednn=None):
@@ -17,8 +15,9 @@ def _run(*args, onednn=None):
     env.pop("TF_ENABLE_ONEDNN_OPTS", None)
     if onednn is not None:
         env["TF_ENABLE_ONEDNN_OPTS"] = onednn
-    result = subprocess.run([sys.executable, SCRIPT, *args], env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "reference_harness.cpu_settings", *args],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
