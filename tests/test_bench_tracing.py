@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from keras_moe import grouped_feed_forward
-from tests import oracle
 
-SCRIPT = os.path.join(oracle.REPO_ROOT, "benchmarks", "bench_tracing.py")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "bench_tracing.py")
 # What the test runs of --quick (each configuration is a fresh process, so
 # the capacity dispatch's sizes are left to tests/test_moe.py's graph-size
 # test): the sparse dispatch at two sizes past
@@ -30,7 +30,7 @@ def _run(args, timeout):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                KERAS_BACKEND="tensorflow")
     proc = subprocess.run([sys.executable, SCRIPT, *args],
-                          cwd=oracle.REPO_ROOT, env=env, capture_output=True,
+                          cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     return proc.returncode, proc.stdout, proc.stderr
 

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from tests import oracle
 from numerics import FORWARD, assert_close
 
-SCRIPT = os.path.join(oracle.REPO_ROOT, "benchmarks", "bench_moe.py")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "bench_moe.py")
 CONFIGS = {
     "large": ("train_fwd", "train_fwd_bwd", "infer_fwd"),
     "small-batch": ("train_fwd", "train_fwd_bwd", "infer_fwd"),
@@ -32,7 +32,7 @@ def _quick(script, out, timeout):
                KERAS_BACKEND="tensorflow")
     proc = subprocess.run(
         [sys.executable, script, "--quick", "--json", str(out)],
-        cwd=oracle.REPO_ROOT, env=env, capture_output=True, text=True,
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True,
         timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -146,7 +146,7 @@ def test_quick_run_reports_every_field(quick_run):
 def test_expert_kernels_quick_run_reports_every_field(tmp_path):
     # benchmarks/bench_expert_kernels.py: TensorFlow's per-expert matmuls
     # against numpy's BLAS. Fields only; no timing is asserted.
-    script = os.path.join(oracle.REPO_ROOT, "benchmarks",
+    script = os.path.join(REPO_ROOT, "benchmarks",
                           "bench_expert_kernels.py")
     results, stdout, _ = _quick(script, tmp_path / "kernels.json",
                                 timeout=300)

@@ -2,7 +2,6 @@
 and prints every row: the GPU-only ones skipped with a reason where no GPU
 is visible, the others with numbers. No time is asserted."""
 
-import importlib.util
 import json
 import os
 import re
@@ -11,26 +10,17 @@ import sys
 
 import pytest
 
-from tests import oracle
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DIR = os.path.join(REPO_ROOT, "benchmarks")
+SCRIPT = os.path.join(BENCH_DIR, "gpu_check.py")
 
-SCRIPT = os.path.join(oracle.REPO_ROOT, "benchmarks", "gpu_check.py")
-
-
-def _load_script():
-    """The script as a module (benchmarks/ on sys.path while it loads, for
-    its import of machine.py)."""
-    path = list(sys.path)
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = path
-    return module
-
-
-gpu_check = _load_script()
+# The benchmark scripts import each other by name from benchmarks/ (as when
+# they run as scripts): it is on sys.path while the script is imported.
+sys.path.insert(0, BENCH_DIR)
+try:
+    import gpu_check
+finally:
+    sys.path.remove(BENCH_DIR)
 
 
 def _table(stdout):
@@ -50,7 +40,7 @@ def tiny_run(tmp_path_factory):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                KERAS_BACKEND="tensorflow")
     proc = subprocess.run([sys.executable, SCRIPT, "--tiny", "--json",
-                           str(out)], cwd=oracle.REPO_ROOT, env=env,
+                           str(out)], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out) as f:
