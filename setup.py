@@ -16,6 +16,8 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    # keras_moe only: not the reference harness (reference_harness/), the
+    # tests, tools or benchmarks beside it.
     packages=find_packages(include=["keras_moe", "keras_moe.*"]),
     python_requires=">=3.9",
     install_requires=["tensorflow>=2.16", "keras>=3.0", "numpy"],

@@ -70,8 +70,8 @@ issue 5 are printed with whether each is met, as information only.
 This script runs one configuration (`run_config`), the scaling sweep and
 `main`; the modules beside it hold the rest: configs.py (configurations,
 inputs, command line), methods.py (our layers, the peer, the oracle),
-original_runner.py (the original's worker; the only user of
-tests/oracle.py), timing.py, peak_memory.py, op_profile.py, report.py,
+original_runner.py (the original's worker; the only user of the
+reference harness, reference_harness/), timing.py, peak_memory.py, op_profile.py, report.py,
 machine.py and progress.py.
 """
 

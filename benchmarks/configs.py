@@ -106,7 +106,8 @@ def parse_args(argv=None, description=None):
                    help="scaled-down shapes, few repetitions (1-3 minutes)")
     p.add_argument("--original", default=None,
                    help="path of the original expert_utils_2017.py "
-                        "(default: tests/oracle.py's find_original())")
+                        "(default: $KERAS_MOE_ORIGINAL or "
+                        "../shared/reference/expert_utils_2017.py)")
     p.add_argument("--json", default=None,
                    help="write the JSON results here (default: stdout)")
     p.add_argument("--markdown", default=None,

@@ -4,10 +4,10 @@ its dependency optimizer) on the weights and inputs of configs.make_data,
 and served from a worker process (forked before TensorFlow's runtime
 starts) driven by JSON lines over pipes.
 
-This module is the benchmarks' one user of the test harness
-(tests/oracle.py, which finds, loads and builds the original): the other
-modules reach the original through `find_original`, `load_original`,
-`build_original_graph` and `OriginalClient`."""
+This module is the benchmarks' one user of the reference harness
+(reference_harness/, which finds, loads and builds the original): the
+other modules reach the original through `find_original`,
+`load_original`, `build_original_graph` and `OriginalClient`."""
 
 import gc
 import json
@@ -20,23 +20,24 @@ from configs import LOSS_COEF, THREADS, make_data
 
 
 def _harness():
-    """tests/oracle.py, the reference harness that loads and builds the
-    original (imported here only; bench_moe.py puts the repository root on
-    sys.path)."""
-    from tests import oracle
+    """The reference harness's `original` (finding and loading the
+    original) and `hierarchical` (building its MoE and setting its
+    weights) modules. Imported here only, when first needed; bench_moe.py
+    puts the repository root on sys.path."""
+    from reference_harness import hierarchical, original
 
-    return oracle
+    return original, hierarchical
 
 
 def find_original():
     """Path of the original expert_utils_2017.py (`KERAS_MOE_ORIGINAL` or
     `../shared/reference/`), or None."""
-    return _harness().find_original()
+    return _harness()[0].find_original()
 
 
 def load_original(path):
     """The original module, loaded from `path`."""
-    return _harness().load_original(path)
+    return _harness()[0].load_original(path)
 
 
 def build_original_graph(module, shape, data):
@@ -45,16 +46,17 @@ def build_original_graph(module, shape, data):
     import tensorflow as tf
     from tensorflow.core.protobuf import rewriter_config_pb2
 
-    oracle = _harness()
+    _, harness = _harness()
     v1 = tf.compat.v1
     graph = v1.Graph()
     with graph.as_default():
-        config = dict(d=shape["d"], n1=shape["experts"], n2=None,
-                      k=shape["k"], group_k=None, hidden=(shape["hidden"],),
-                      output_dim=None, autoscale=True, noisy=True,
+        # The arguments of the MixtureOfExperts the benchmark times.
+        config = dict(input_dim=shape["d"], num_experts=shape["experts"],
+                      k=shape["k"], hidden_sizes=(shape["hidden"],),
+                      output_dim=None, autoscale=True, noisy_gating=True,
                       noise_epsilon=1e-2)
-        moe, wvars = oracle.build_original_moe(module, "local", config,
-                                               name="moe")
+        moe, wvars = harness.build_original_moe(module, "local", config,
+                                                name="moe")
         x_ph = v1.placeholder(tf.float32, data["x"].shape)
         x = v1.get_variable("bench_x", data["x"].shape, tf.float32,
                             v1.zeros_initializer(), trainable=False)
@@ -78,7 +80,7 @@ def build_original_graph(module, shape, data):
         data_w = {"primary_gate_kernel": data["gate_kernel"],
                   "primary_noise_kernel": data["noise_kernel"],
                   "kernel_0": data["kernel_0"], "kernel_1": data["kernel_1"]}
-        assigns, feeds = oracle.assign_original_weights(
+        assigns, feeds = harness.assign_original_weights(
             wvars, data_w, sorted(wvars))
         assigns.append(v1.assign(x, x_ph))
         feeds[x_ph] = data["x"]

@@ -1,20 +1,34 @@
-"""How the parity tests compare keras_moe with the original: tolerances,
-the comparison itself, and the cached reference data (committed fixtures
-or the original run live)."""
+"""How the parity tests (tests/test_parity.py) compare keras_moe with the
+original: tolerances, the comparison of each kind of result, and the
+reference data of a harness suite (committed fixtures or the original run
+live, each read or run once per case)."""
 
 import hashlib
 
 import numpy as np
 import pytest
 
-import oracle
-
 from numerics import FORWARD, GRADIENT, assert_close, max_abs
+from reference_harness import fixtures, flat, hierarchical, original
 
 NO_ORIGINAL = (
-    "the original expert_utils_2017.py was not found: set KERAS_MOE_ORIGINAL "
-    "to its path or place it at <repo>/../shared/reference/expert_utils_2017.py"
+    "the original expert_utils_2017.py was not found: set "
+    "KERAS_MOE_ORIGINAL to its path or place it at "
+    "<repo>/../shared/reference/expert_utils_2017.py"
 )
+
+
+def require_original():
+    """The original module; skips the test where it is not found."""
+    path = original.find_original()
+    if path is None:
+        pytest.skip(NO_ORIGINAL)
+    return original.load_original(path)
+
+
+# --------------------------------------------------------------------------
+# Tolerances.
+# --------------------------------------------------------------------------
 
 
 def grad_floor(results, prefix, terms=0.0):
@@ -73,6 +87,133 @@ def assert_fixture_matches_live(case_name, mode, live_results,
                        GRADIENT if grad else FORWARD, floor=floor, what=what)
 
 
+# --------------------------------------------------------------------------
+# The comparisons: check(case, data, ref, mine, mode, source) asserts that
+# `mine` (keras_moe's results of one mode) matches `ref` (the original's).
+# --------------------------------------------------------------------------
+
+
+def _support(mine, ref, what):
+    # Same experts selected for every token, exactly.
+    np.testing.assert_array_equal(
+        mine != 0, ref != 0,
+        err_msg="%s gates: different support (experts selected)" % what)
+
+
+def check_flat_moe(case, data, ref, mine, mode, source):
+    """MixtureOfExperts against the original's LocalMixtureOfExperts:
+    gates (times the gate multiplier), load, importance, outputs, aux loss,
+    and the gradients w.r.t. every weight (flat.weight_names)."""
+    what = "%s [%s, %s]" % (case["name"], mode, source)
+    ref_gates = ref["gates"]
+    if case["gate_multiplier"]:
+        ref_gates = ref_gates * data["multiplier"][:, None]
+    _support(mine["gates"], ref_gates, what)
+    assert_matches(mine["gates"], ref_gates, FORWARD, what=what + " gates")
+    for name in ("load", "importance", "y", "aux_loss"):
+        assert_matches(mine[name], ref[name], FORWARD,
+                       what="%s %s" % (what, name))
+    floor = grad_floor(ref, "grad/")
+    for name in flat.weight_names(case):
+        key = "grad/" + name
+        assert_matches(mine[key], ref[key], GRADIENT, floor=floor,
+                       nan_ok=(mode == "infer" and name == "noise_kernel"),
+                       what="%s d(loss)/d(%s)" % (what, name))
+
+
+def gating_gradient_terms(case, data):
+    """The magnitude of the terms the gating-alone loss's kernel gradients
+    are summed from: `|x|^T (|C| + |L|)`, x the gate's input, C and L the
+    loss's coefficients of the gates and the load. With k = 1 every such
+    gradient is mathematically zero (a softmax over one logit) and the
+    reference is float32 rounding at this scale."""
+    gx = data["gating_x"] if case["gating_inputs"] else data["x"]
+    upstream = (np.abs(data["gating_coef_gates"]) +
+                np.abs(data["gating_coef_load"])[None, :])
+    return float(np.max(np.abs(gx).T.astype(np.float64) @ upstream))
+
+
+def check_flat_gating(case, data, ref, mine, mode, source):
+    """NoisyTopKGating alone: gates (k per token), load, and the gradients
+    of the gating-alone loss w.r.t. the gate (and noise) kernels."""
+    what = "%s [%s, %s] NoisyTopKGating" % (case["name"], mode, source)
+    _support(mine["gates"], ref["gates"], what)
+    k = min(case["k"], case["num_experts"])
+    np.testing.assert_array_equal(np.sum(mine["gates"] != 0, axis=1), k)
+    for name in ("gates", "load"):
+        assert_matches(mine[name], ref[name], FORWARD,
+                       what="%s %s" % (what, name))
+    floor = grad_floor(ref, "gating_grad/", gating_gradient_terms(case, data))
+    for name in flat.gating_weight_names(case):
+        key = "gating_grad/" + name
+        assert_matches(mine[key], ref[key], GRADIENT, floor=floor,
+                       nan_ok=(mode == "infer" and name == "noise_kernel"),
+                       what="%s d(gating loss)/d(%s)" % (what, name))
+
+
+def check_hierarchical(case, data, ref, mine, mode, source):
+    """HierarchicalMixtureOfExperts (or MixtureOfExperts) against the
+    original's DistributedMixtureOfExperts: combined gates, importance,
+    load, outputs, aux loss, expert_to_gates and expert_to_identifiers, and
+    the gradients (hierarchical.weight_names)."""
+    what = "%s [%s, %s]" % (case["name"], mode, source)
+    per_token = min(case["k"], hierarchical.primary_experts(case))
+    if hierarchical.is_hierarchical(case):
+        per_token *= min(case["group_k"], case["experts_per_group"])
+    _support(mine["gates"], ref["gates"], what)
+    np.testing.assert_array_equal(np.sum(mine["gates"] != 0, axis=1),
+                                  per_token, err_msg=what + " gates")
+    for name in ("gates", "importance", "load", "y", "aux_loss",
+                 "expert_gates"):
+        assert_matches(mine[name], ref[name], FORWARD,
+                       what="%s %s" % (what, name))
+    # The original's expert_to_identifiers, concatenated over experts: the
+    # tokens each expert received, in order.
+    np.testing.assert_array_equal(
+        mine["token_index"], ref["token_index"].astype(np.int64),
+        err_msg=what + " token_index vs the original's "
+        "expert_to_identifiers")
+    np.testing.assert_array_equal(
+        mine["expert_index"],
+        np.repeat(np.arange(mine["gates"].shape[1]),
+                  np.sum(ref["gates"] != 0, axis=0)),
+        err_msg=what + " expert_index")
+    floor = grad_floor(ref, "grad/")
+    for name in hierarchical.weight_names(case):
+        key = "grad/" + name
+        assert_matches(mine[key], ref[key], GRADIENT, floor=floor,
+                       nan_ok=(mode == "infer" and
+                               name.endswith("noise_kernel")),
+                       what="%s d(loss)/d(%s)" % (what, name))
+
+
+def check_embedding(case, data, ref, mine, mode, source):
+    """ShardedEmbedding against ParallelEmbeddingLookup: the lookups
+    exactly (a lookup copies rows), the table's gradient."""
+    assert sorted(mine) == sorted(ref)
+    for key in ref:
+        if key.startswith("emb_"):
+            np.testing.assert_array_equal(mine[key], ref[key], err_msg=key)
+        else:
+            assert_close(mine[key], ref[key], GRADIENT, what=key)
+
+
+def check_softmax(case, data, ref, mine, mode, source):
+    """SampledSoftmaxLoss against SampledSoftmaxLoss and
+    ParallelSampledSoftmaxLoss: per-example losses, the weighted total, the
+    gradients w.r.t. the class table and the features."""
+    assert sorted(mine) == sorted(ref)
+    for key in ref:
+        depth = GRADIENT if key.startswith("grad/") else FORWARD
+        assert_close(mine[key], ref[key], depth,
+                     what=f"{case['name']} [{source}] {key}")
+
+
+# --------------------------------------------------------------------------
+# Reference data.
+# --------------------------------------------------------------------------
+
+
 def digest(data):
     """A key for a dict of arrays (to cache results per case and data)."""
     h = hashlib.sha1()
@@ -82,77 +223,38 @@ def digest(data):
     return h.hexdigest()
 
 
-class FixtureFile:
-    """The cases of one committed .npz fixture file, read once.
+class Reference:
+    """The reference data of one harness suite (reference_harness.flat,
+    .hierarchical, .embedding_softmax): `reference(source, case_name)` is
+    `(case, data, {group: results})` from the committed fixtures
+    (`source="fixture"`, read once; a missing case is an error naming the
+    tool that regenerates the file) or from the original run now
+    (`source="live"`, once per case; skipped where it is not found)."""
 
-    `FixtureFile(path, unpack, tool)(case_name)` is what `unpack(npz,
-    case_name, meta)` returns for it; a missing case is an error that names
-    the tool that regenerates the file.
-    """
+    def __init__(self, suite):
+        self.suite = suite
+        self._file = fixtures.FixtureFile(suite.FIXTURES)
+        self._live = {}
 
-    def __init__(self, path, unpack, tool):
-        self._path, self._unpack, self._tool = path, unpack, tool
-        self._npz = self._meta = None
-
-    def __call__(self, case_name):
-        if self._npz is None:
-            self._npz = np.load(self._path)
-            self._meta = oracle.read_meta(self._npz)
-        got = self._unpack(self._npz, case_name, self._meta)
+    def fixture(self, case_name):
+        got = self._file.get(case_name)
         if got is None:
             raise AssertionError(
                 "case %r is missing from %s; regenerate it with %s "
-                "--original PATH" % (case_name, self._path, self._tool))
+                "--original PATH" % (case_name, self.suite.FIXTURES,
+                                     self.suite.TOOL))
         return got
 
+    def live(self, case_name):
+        if case_name not in self._live:
+            module = require_original()
+            case = self.suite.CASES_BY_NAME[case_name]
+            data = self.suite.make_data(case)
+            self._live[case_name] = (
+                case, data, self.suite.run_original(module, case, data))
+        return self._live[case_name]
 
-class LiveOriginal:
-    """The original run now on a case, once per case.
-
-    `LiveOriginal(cases_by_name, make_data, run)(case_name)` is
-    `(case, data, run(module, case, data))`; it skips the test where the
-    original is not found.
-    """
-
-    def __init__(self, cases_by_name, make_data, run):
-        self._cases, self._make_data, self._run = (
-            cases_by_name, make_data, run)
-        self._results = {}
-
-    def __call__(self, case_name):
-        if case_name not in self._results:
-            path = oracle.find_original()
-            if path is None:
-                pytest.skip(NO_ORIGINAL)
-            module = oracle.load_original(path)
-            case = self._cases[case_name]
-            data = self._make_data(case)
-            self._results[case_name] = (case, data,
-                                        self._run(module, case, data))
-        return self._results[case_name]
-
-
-_EMBEDDING_SOFTMAX = {}
-_embedding_softmax_live = LiveOriginal(
-    oracle.EMBEDDING_SOFTMAX_CASES_BY_NAME,
-    oracle.make_embedding_case_data,
-    oracle.run_embedding_softmax_oracle,
-)
-
-
-def embedding_softmax_reference(source, name):
-    """(case, data, ref) of a sharded embedding / sampled softmax case,
-    from the fixtures (`source="fixture"`) or from the live original."""
-    key = (source, name)
-    if key not in _EMBEDDING_SOFTMAX:
+    def __call__(self, source, case_name):
         if source == "fixture":
-            got = oracle.unpack_embedding_softmax(
-                np.load(oracle.EMBEDDING_FIXTURES), name)
-            assert got is not None, (
-                f"case {name!r} is missing from {oracle.EMBEDDING_FIXTURES}; "
-                "regenerate it with tools/make_embedding_fixtures.py")
-        else:
-            got = _embedding_softmax_live(name)
-        case, data, results = got
-        _EMBEDDING_SOFTMAX[key] = (case, data, results["ref"])
-    return _EMBEDDING_SOFTMAX[key]
+            return self.fixture(case_name)
+        return self.live(case_name)

@@ -10,11 +10,11 @@ configuration and reproduces those outputs.
 
 The error cases (missing, extra and mis-shaped variables) use checkpoints
 written here from numpy arrays with tf.compat.v1 (no original needed).
-When the original is found (tests/oracle.py's find_original), a fresh
-checkpoint is written with it and loaded too.
+When the original is found (reference_harness.original.find_original), a
+fresh checkpoint is written with it and loaded too. The configurations and
+the writing are reference_harness.checkpoints'.
 """
 
-import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -27,10 +27,11 @@ import tensorflow as tf
 import keras_moe
 from keras_moe.compat import load_tf1_checkpoint
 import numerics
-import oracle
-from parity_checks import NO_ORIGINAL
+from parity_checks import require_original
+from reference_harness import checkpoints, fixtures, hierarchical
 
-KINDS = oracle.COMMITTED_CHECKPOINT_KINDS  # ("local", "hierarchical")
+KINDS = checkpoints.COMMITTED_KINDS  # ("local", "hierarchical")
+OUTPUTS = fixtures.FixtureFile(checkpoints.OUTPUTS)
 
 # --------------------------------------------------------------------------
 # Helpers.
@@ -38,16 +39,13 @@ KINDS = oracle.COMMITTED_CHECKPOINT_KINDS  # ("local", "hierarchical")
 
 
 def committed_prefix(kind):
-    return os.path.join(oracle.CHECKPOINT_DIR, kind,
-                        "model.ckpt-%d" % oracle.CHECKPOINT_STEP)
+    return checkpoints.prefix(kind)
 
 
 def committed_outputs(kind):
-    npz = np.load(oracle.CHECKPOINT_OUTPUTS)
-    meta = json.loads(str(npz["__meta__"]))
-    out = {key.split("/", 1)[1]: npz[key] for key in npz.files
-           if key.startswith(kind + "/")}
-    return meta["cases"][kind], out
+    """(case, {"x", "y", "importance", "load"}) stored for `kind`."""
+    case, data, results = OUTPUTS.get(checkpoints.CASES[kind]["name"])
+    return case, dict(data, **results["ref"])
 
 
 def read_checkpoint(prefix):
@@ -79,18 +77,20 @@ def make_layer(case, noisy=None, seed=0):
     common = dict(
         k=case["k"],
         output_dim=case["output_dim"],
-        hidden_sizes=tuple(case["hidden"]),
+        hidden_sizes=case["hidden_sizes"],
         autoscale=case["autoscale"],
-        noisy_gating=case["noisy"] if noisy is None else noisy,
+        noisy_gating=case["noisy_gating"] if noisy is None else noisy,
         noise_epsilon=case["noise_epsilon"],
     )
-    if case["n2"] is not None:
+    if hierarchical.is_hierarchical(case):
         layer = keras_moe.HierarchicalMixtureOfExperts(
-            num_groups=case["n1"], experts_per_group=case["n2"],
+            num_groups=case["num_groups"],
+            experts_per_group=case["experts_per_group"],
             group_k=case["group_k"], **common)
     else:
-        layer = keras_moe.MixtureOfExperts(num_experts=case["n1"], **common)
-    layer.build((None, case["d"]))
+        layer = keras_moe.MixtureOfExperts(num_experts=case["num_experts"],
+                                           **common)
+    layer.build((None, case["input_dim"]))
     rng = np.random.RandomState(seed)
     for w in layer.weights:
         w.assign(rng.normal(size=w.shape).astype(np.float32))
@@ -109,8 +109,8 @@ def assert_unchanged(layer, before):
 
 
 def layer_weights(layer, case):
-    """The layer's weights named as make_hier_case_data names them."""
-    if case["n2"] is None:
+    """The layer's weights named as hierarchical.make_data names them."""
+    if not hierarchical.is_hierarchical(case):
         out = {"primary_gate_kernel": layer.gating.gate_kernel.numpy()}
         if layer.gating.noisy_gating:
             out["primary_noise_kernel"] = layer.gating.noise_kernel.numpy()
@@ -171,28 +171,29 @@ def test_original_checkpoint_reproduces_outputs(kind, source):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_committed_checkpoints_are_current(kind):
-    # The committed configuration and weights are what tests/oracle.py
-    # defines now; otherwise regenerate with
+    # The committed configuration and weights are what
+    # reference_harness.checkpoints defines now; otherwise regenerate with
     # tools/make_checkpoint_fixtures.py.
     case, outputs = committed_outputs(kind)
-    expected_case = oracle.CHECKPOINT_CASES[kind]
-    assert case == json.loads(json.dumps(expected_case))
-    data = oracle.make_hier_case_data(expected_case)
+    expected_case = checkpoints.CASES[kind]
+    assert case == expected_case
+    data = hierarchical.make_data(expected_case)
     np.testing.assert_array_equal(outputs["x"], data["x"])
     layer = make_layer(case)
     load_tf1_checkpoint(layer, committed_prefix(kind), "moe")
     got = layer_weights(layer, expected_case)
-    names = oracle.hier_weight_names(expected_case)
+    names = hierarchical.weight_names(expected_case)
     assert sorted(got) == sorted(names)
     for name in names:
         np.testing.assert_array_equal(got[name], data[name], err_msg=name)
     arrays = read_checkpoint(committed_prefix(kind))
-    assert int(arrays["global_step"]) == oracle.CHECKPOINT_STEP
+    assert int(arrays["global_step"]) == checkpoints.STEP
+    assert OUTPUTS.meta["step"] == checkpoints.STEP
 
 
 def test_checkpoint_fixtures_are_small():
     total = sum(os.path.getsize(os.path.join(d, f))
-                for d, _, files in os.walk(oracle.CHECKPOINT_DIR)
+                for d, _, files in os.walk(checkpoints.DIRECTORY)
                 for f in files)
     assert total < 200 * 1024, total
 
@@ -255,7 +256,9 @@ def test_one_group_of_a_hierarchical_checkpoint_as_a_flat_moe():
     # Group i of a hierarchical MoE "moe" is a LocalMixtureOfExperts named
     # "moe_secondary_i".
     case, _ = committed_outputs("hierarchical")
-    flat_case = dict(case, n1=case["n2"], n2=None, k=case["group_k"])
+    flat_case = dict(case, num_experts=case["experts_per_group"],
+                     num_groups=None, experts_per_group=None, group_k=None,
+                     k=case["group_k"])
     layer = make_layer(flat_case)
     load_tf1_checkpoint(layer, committed_prefix("hierarchical"),
                         "moe_secondary_1")
@@ -415,15 +418,12 @@ def test_wrong_name_raises():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", sorted(oracle.CHECKPOINT_CASES))
+@pytest.mark.parametrize("kind", sorted(checkpoints.CASES))
 def test_live_original_checkpoint(tmp_path, kind):
-    path = oracle.find_original()
-    if path is None:
-        pytest.skip(NO_ORIGINAL)
-    module = oracle.load_original(path)
-    prefix, outputs = oracle.write_original_checkpoint(module, kind,
-                                                       str(tmp_path / kind))
-    case = oracle.CHECKPOINT_CASES[kind]
+    module = require_original()
+    prefix, outputs = checkpoints.write_original_checkpoint(
+        module, kind, str(tmp_path / kind))
+    case = checkpoints.CASES[kind]
     layer = make_layer(case)
     loaded = load_tf1_checkpoint(layer, prefix, "moe")
     arrays = read_checkpoint(prefix)

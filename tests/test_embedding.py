@@ -1,12 +1,11 @@
 """ShardedEmbedding: the original `ParallelEmbeddingLookup`.
 
-Parity with the original (committed fixtures `tests/fixtures/
-embedding_softmax.npz`, written by `tools/make_embedding_fixtures.py`, and the
-original itself, run live through `tests/oracle.py` when it is found): lookups
-for vocabularies that are and are not multiples of the shard count, over
-several datashards with repeated ids, and the gradient w.r.t. the table.
-Then the shard layout, dedup and placement, any input rank, strategies,
-serialization and SavedModel export, mixed precision, and bad input.
+Parity with the original (lookups for vocabularies that are and are not
+multiples of the shard count, over several datashards with repeated ids,
+and the gradient w.r.t. the table) is in tests/test_parity.py (family
+"embedding"). Here: the shard layout, dedup and placement, any input rank,
+strategies, serialization and SavedModel export, mixed precision, and bad
+input.
 """
 
 import keras
@@ -16,59 +15,7 @@ import tensorflow as tf
 
 from keras_moe.embedding import ShardedEmbedding, shard_rows
 from strategies import mirrored
-from numerics import FORWARD, GRADIENT, assert_close
-import oracle
-from parity_checks import embedding_softmax_reference
-
-
-# --------------------------------------------------------------------------
-# Parity with the original.
-# --------------------------------------------------------------------------
-
-reference = embedding_softmax_reference
-
-
-def ours_embedding(case, data):
-    layer = ShardedEmbedding(case["vocab"], case["depth"], case["num_shards"])
-    layer.set_full_table(data["table"])
-    num_datashards = len(case["datashards"])
-    out = {}
-    with tf.GradientTape() as tape:
-        loss = 0.0
-        for i in range(num_datashards):
-            emb = layer(tf.constant(data["ids_%d" % i]))
-            out["emb_%d" % i] = emb.numpy()
-            loss += tf.reduce_sum(emb * data["coef_%d" % i])
-    grads = tape.gradient(loss, layer.shards)
-    out["grad/table"] = tf.dynamic_stitch(
-        [tf.range(s, case["vocab"], case["num_shards"])
-         for s in range(case["num_shards"])],
-        [tf.convert_to_tensor(g) for g in grads]).numpy()
-    return out
-
-
-@pytest.mark.parametrize("source", ["fixture", "live"])
-@pytest.mark.parametrize("name", [c["name"] for c in oracle.EMBEDDING_CASES])
-def test_parity_with_original(source, name):
-    case, data, ref = reference(source, name)
-    mine = ours_embedding(case, data)
-    assert sorted(mine) == sorted(ref)
-    for key in ref:
-        if key.startswith("emb_"):
-            # A lookup copies rows: exactly equal.
-            np.testing.assert_array_equal(mine[key], ref[key], err_msg=key)
-        else:
-            assert_close(mine[key], ref[key], GRADIENT, what=key)
-
-
-@pytest.mark.parametrize("name", [c["name"] for c in oracle.EMBEDDING_CASES])
-def test_fixture_is_current(name):
-    case, data, _ = reference("fixture", name)
-    assert case == oracle.EMBEDDING_SOFTMAX_CASES_BY_NAME[name]
-    expected = oracle.make_embedding_case_data(case)
-    assert sorted(data) == sorted(expected)
-    for key in expected:
-        np.testing.assert_array_equal(data[key], expected[key], err_msg=key)
+from numerics import FORWARD, assert_close
 
 
 # --------------------------------------------------------------------------

@@ -1,14 +1,14 @@
 """SampledSoftmaxLoss: the original `SampledSoftmaxLoss` /
 `ParallelSampledSoftmaxLoss`.
 
-Parity with the original (committed fixtures `tests/fixtures/
-embedding_softmax.npz` and the live original, through `tests/oracle.py`) for
-fixed sampled classes -- one of them a target in every datashard, one drawn
-twice in a case -- with per-example weights, over several datashards and
-class tables sharded in multiples and not: the per-example losses, the
-weighted total, and the gradients w.r.t. the class table and the features.
-Then inference (full softmax), the samplers, tying to a ShardedEmbedding,
-Keras training, serialization and export, mixed precision and bad input.
+Parity with the original (fixed sampled classes -- one of them a target in
+every datashard, one drawn twice in a case -- with per-example weights,
+over several datashards and class tables sharded in multiples and not: the
+per-example losses, the weighted total, and the gradients w.r.t. the class
+table and the features) is in tests/test_parity.py (family "softmax").
+Here: the formula, inference (full softmax), the samplers, tying to a
+ShardedEmbedding, Keras training, serialization and export, mixed precision
+and bad input.
 """
 
 import functools
@@ -22,84 +22,7 @@ import tensorflow as tf
 
 from keras_moe.embedding import ShardedEmbedding
 from keras_moe.sampled_softmax import SampledSoftmaxLoss, sampled_softmax_loss
-from numerics import FORWARD, GRADIENT, assert_close
-import oracle
-from parity_checks import embedding_softmax_reference
-
-
-# --------------------------------------------------------------------------
-# Parity with the original.
-# --------------------------------------------------------------------------
-
-reference = embedding_softmax_reference
-
-
-def ours_softmax(case, data):
-    num_datashards = len(case["datashards"])
-    layer = SampledSoftmaxLoss(case["vocab"], case["num_sampled"],
-                               num_shards=case["num_shards"])
-    layer.build((None, case["depth"]))
-    layer.embedding.set_full_table(data["table"])
-    q = data["expected_count"]
-    features = [tf.constant(data["features_%d" % i])
-                for i in range(num_datashards)]
-    out = {}
-    with tf.GradientTape() as tape:
-        tape.watch(features)
-        total = 0.0
-        for i in range(num_datashards):
-            targets = data["targets_%d" % i]
-            sampled = data["sampled_%d" % i]
-            sampled_values = (sampled, q[targets], q[sampled])
-            out["loss_%d" % i] = layer(
-                features[i], targets, training=True,
-                sampled_values=sampled_values).numpy()
-            total += tf.reduce_sum(layer(
-                features[i], targets, training=True,
-                sample_weight=data["weights_%d" % i],
-                sampled_values=sampled_values))
-    out["total"] = total.numpy()
-    grads = tape.gradient(total, layer.embedding.shards + features)
-    n = case["num_shards"]
-    out["grad/table"] = tf.dynamic_stitch(
-        [tf.range(s, case["vocab"], n) for s in range(n)],
-        [tf.convert_to_tensor(g) for g in grads[:n]]).numpy()
-    for i in range(num_datashards):
-        out["grad/features_%d" % i] = grads[n + i].numpy()
-    return out
-
-
-@pytest.mark.parametrize("source", ["fixture", "live"])
-@pytest.mark.parametrize("name", [c["name"] for c in oracle.SOFTMAX_CASES])
-def test_parity_with_original(source, name):
-    case, data, ref = reference(source, name)
-    mine = ours_softmax(case, data)
-    assert sorted(mine) == sorted(ref)
-    for key in ref:
-        depth = GRADIENT if key.startswith("grad/") else FORWARD
-        assert_close(mine[key], ref[key], depth,
-                     what=f"{name} [{source}] {key}")
-
-
-@pytest.mark.parametrize("name", [c["name"] for c in oracle.SOFTMAX_CASES])
-def test_fixture_is_current(name):
-    case, data, _ = reference("fixture", name)
-    assert case == oracle.EMBEDDING_SOFTMAX_CASES_BY_NAME[name]
-    expected = oracle.make_embedding_case_data(case)
-    assert sorted(data) == sorted(expected)
-    for key in expected:
-        np.testing.assert_array_equal(data[key], expected[key], err_msg=key)
-
-
-def test_cases_cover_a_sampled_target_and_a_duplicate():
-    for case in oracle.SOFTMAX_CASES:
-        data = oracle.make_embedding_case_data(case)
-        for i in range(len(case["datashards"])):
-            assert data["sampled_%d" % i][0] in data["targets_%d" % i]
-    case = oracle.EMBEDDING_SOFTMAX_CASES_BY_NAME["ssm_multiple_duplicate"]
-    data = oracle.make_embedding_case_data(case)
-    last = data["sampled_%d" % (len(case["datashards"]) - 1)]
-    assert len(set(last.tolist())) < len(last)
+from numerics import FORWARD, assert_close
 
 
 # --------------------------------------------------------------------------

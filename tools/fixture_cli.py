@@ -1,36 +1,33 @@
-"""What the tools/make_*_fixtures.py scripts share: tests/oracle.py, their
-command line (--original, --out, --cases), running cases through the
-original, and writing the .npz."""
+"""What the tools/make_*_fixtures.py scripts share: their command line
+(--original, --out, --cases), running cases through the original, and
+writing the .npz in the one fixture format (reference_harness.fixtures).
+
+The harness is imported from the repository root, which is put on sys.path
+when the tools run as scripts."""
 
 import argparse
-import importlib.util
 import os
+import sys
 import time
 
 import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from reference_harness import fixtures, original  # noqa: E402
 
 
-def load_oracle():
-    """tests/oracle.py, the harness that runs the original."""
-    path = os.path.join(REPO_ROOT, "tests", "oracle.py")
-    spec = importlib.util.spec_from_file_location("_keras_moe_parity_oracle",
-                                                  path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def parse_args(doc, oracle, default_out, argv=None, cases_by_name=None):
+def parse_args(doc, default_out, argv=None, cases_by_name=None):
     """`(args, original module)` from the command line.
 
-    `--original PATH` (default: tests/oracle.py's find_original()) and
-    `--out`; with `cases_by_name`, also `--cases NAME ...`, checked against
-    it. Errors name the bad value and exit with usage.
+    `--original PATH` (default: reference_harness.original.find_original())
+    and `--out`; with `cases_by_name`, also `--cases NAME ...`, checked
+    against it. Errors name the bad value and exit with usage.
     """
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--original", default=oracle.find_original(),
+    parser.add_argument("--original", default=original.find_original(),
                         help="path of the original expert_utils_2017.py "
                         "(default: $KERAS_MOE_ORIGINAL or "
                         "../shared/reference/expert_utils_2017.py)")
@@ -47,7 +44,7 @@ def parse_args(doc, oracle, default_out, argv=None, cases_by_name=None):
     if unknown:
         parser.error("--cases: unknown case(s) %r; known: %r" %
                      (unknown, sorted(cases_by_name)))
-    return args, oracle.load_original(args.original)
+    return args, original.load_original(args.original)
 
 
 def original_meta(args):
@@ -72,24 +69,30 @@ def run_cases(cases, make_data, run, module, bad_values, label):
     return case_results
 
 
-def nan_by_mode(results):
-    """The results of each mode that hold a NaN."""
-    return {mode: sorted(k for k, v in res.items() if np.isnan(v).any())
-            for mode, res in results.items()}
+def nan_by_group(results):
+    """The results of each group (mode) that hold a NaN."""
+    return {group: sorted(k for k, v in res.items() if np.isnan(v).any())
+            for group, res in results.items()}
 
 
-def keep_other_cases(case_results, out, oracle, all_cases, unpack):
+def non_finite_by_group(results):
+    """The results of each group that hold a NaN or an infinity."""
+    return {group: sorted(k for k, v in res.items()
+                          if not np.isfinite(v).all())
+            for group, res in results.items()}
+
+
+def keep_other_cases(case_results, out, all_cases):
     """`case_results` plus the cases already in `out` that were not rerun,
     in the order of `all_cases`."""
     if not os.path.isfile(out):
         return case_results
-    old = np.load(out)
-    meta = oracle.read_meta(old)
+    old = fixtures.FixtureFile(out)
     known = {c["name"] for c in all_cases}
     merged = dict(case_results)
-    for name in meta["index"]:
+    for name in old.names():
         if name not in merged and name in known:
-            _, data, results = unpack(old, name, meta)
+            _, data, results = old.get(name)
             merged[name] = (data, results)
     return {c["name"]: merged[c["name"]] for c in all_cases
             if c["name"] in merged}
@@ -103,18 +106,19 @@ def save_npz(out, flat):
           (out, len(flat), os.path.getsize(out)))
 
 
-def make_case_fixtures(doc, argv, oracle, default_out, cases, make_data, run,
-                       unpack, pack):
-    """The whole of a script that runs parity cases (each in training and
-    inference) through the original and writes them to `--out`, keeping the
-    cases of a previous file that `--cases` did not name."""
-    cases_by_name = {c["name"]: c for c in cases}
-    args, module = parse_args(doc, oracle, default_out, argv,
-                              cases_by_name=cases_by_name)
-    selected = [c for c in cases if not args.cases or c["name"] in args.cases]
-    case_results = run_cases(selected, make_data, run, module, nan_by_mode,
-                             "NaN")
+def make_case_fixtures(doc, argv, suite, bad_values=nan_by_group,
+                       label="NaN"):
+    """The whole of a script that runs the cases of a harness suite
+    (reference_harness.flat, .hierarchical, .embedding_softmax) through the
+    original and writes them to `--out` (default: the suite's FIXTURES),
+    keeping the cases of a previous file that `--cases` did not name."""
+    args, module = parse_args(doc, suite.FIXTURES, argv,
+                              cases_by_name=suite.CASES_BY_NAME)
+    selected = [c for c in suite.CASES
+                if not args.cases or c["name"] in args.cases]
+    case_results = run_cases(selected, suite.make_data, suite.run_original,
+                             module, bad_values, label)
     if args.cases:
-        case_results = keep_other_cases(case_results, args.out, oracle,
-                                        cases, unpack)
-    save_npz(args.out, pack(case_results, original_meta(args)))
+        case_results = keep_other_cases(case_results, args.out, suite.CASES)
+    save_npz(args.out, fixtures.pack(suite.CASES_BY_NAME, case_results,
+                                     original_meta(args)))

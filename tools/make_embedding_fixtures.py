@@ -4,16 +4,17 @@ expert_utils.py.
 
     python tools/make_embedding_fixtures.py \
         --original PATH/expert_utils_2017.py \
-        [--out tests/fixtures/embedding_softmax.npz]
+        [--out tests/fixtures/embedding_softmax.npz] [--cases NAME ...]
 
-Runs every embedding and sampled-softmax case of tests/oracle.py
-(EMBEDDING_SOFTMAX_CASES) through the original's ParallelEmbeddingLookup,
-SampledSoftmaxLoss and ParallelSampledSoftmaxLoss (TF1 graph mode via
-tf.compat.v1; the original is loaded from PATH at run time and is not part of
-this project), and stores the cases' data (tables, ids, features, targets,
-fixed sampled classes, expected counts, weights) with the original's
-lookups, losses and gradients. tests/test_embedding.py and
-tests/test_sampled_softmax.py compare keras_moe against the file.
+Runs every embedding and sampled-softmax case of
+reference_harness.embedding_softmax through the original's
+ParallelEmbeddingLookup, SampledSoftmaxLoss and ParallelSampledSoftmaxLoss
+(TF1 graph mode via tf.compat.v1; the original is loaded from PATH at run
+time and is not part of this project), and stores the cases' data (tables,
+ids, features, targets, fixed sampled classes, expected counts, weights)
+with the original's lookups, losses and gradients (format:
+reference_harness.fixtures). tests/test_parity.py compares keras_moe's
+ShardedEmbedding and SampledSoftmaxLoss against the file.
 """
 
 import os
@@ -21,26 +22,15 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np
-
-import fixture_cli
-
-
-def _non_finite(results):
-    return sorted(k for k, v in results["ref"].items()
-                  if not np.isfinite(v).all())
+import fixture_cli  # noqa: E402  (puts the repository root on sys.path)
+from reference_harness import embedding_softmax  # noqa: E402
 
 
 def main(argv=None):
-    oracle = fixture_cli.load_oracle()
-    args, module = fixture_cli.parse_args(
-        __doc__, oracle, oracle.EMBEDDING_FIXTURES, argv)
-    case_results = fixture_cli.run_cases(
-        oracle.EMBEDDING_SOFTMAX_CASES, oracle.make_embedding_case_data,
-        oracle.run_embedding_softmax_oracle, module, _non_finite,
-        "non-finite")
-    fixture_cli.save_npz(args.out, oracle.pack_embedding_softmax(
-        case_results, fixture_cli.original_meta(args)))
+    fixture_cli.make_case_fixtures(
+        __doc__, argv, embedding_softmax,
+        bad_values=fixture_cli.non_finite_by_group, label="non-finite")
+
 
 if __name__ == "__main__":
     sys.exit(main())
