@@ -1,6 +1,6 @@
 """HierarchicalMixtureOfExperts: the two-level layer's numbers, shapes,
 loss, masks, serialization and export (parity with the original is in
-test_parity_hierarchical.py)."""
+test_parity.py, family "hierarchical")."""
 
 import os
 
