@@ -30,6 +30,7 @@ _require_tensorflow_backend(_keras.backend.backend())
 from keras_moe.balance import cv_squared, gates_to_load, max_overload
 from keras_moe.dispatch import CapacityDispatcher, SparseDispatcher
 from keras_moe.embedding import ShardedEmbedding
+from keras_moe.expert_parallel_optimizer import ExpertParallelOptimizer
 from keras_moe.experts import FeedForwardExperts
 from keras_moe.gating import NoisyTopKGating
 from keras_moe.introspection import expert_to_gates, expert_to_tokens
@@ -46,6 +47,7 @@ __all__ = [
     "HierarchicalMixtureOfExperts",
     "NoisyTopKGating",
     "FeedForwardExperts",
+    "ExpertParallelOptimizer",
     "SparseDispatcher",
     "CapacityDispatcher",
     "ShardedEmbedding",

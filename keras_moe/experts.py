@@ -5,7 +5,8 @@ import keras
 import tensorflow as tf
 
 from keras_moe import (
-    grouped_feed_forward, initialization, private_hooks, validation,
+    all_to_all, expert_shards, grouped_feed_forward, initialization,
+    private_hooks, validation, xla,
 )
 
 
@@ -33,6 +34,16 @@ class FeedForwardExperts(keras.layers.Layer):
         hidden_activation: activation after each hidden layer.
         autoscale: bool, the original's `autoscale`.
         kernel_initializer: initializer of each expert's kernels.
+        expert_parallel: bool. When True and built in the scope of a
+            `tf.distribute` strategy of R > 1 replicas (MirroredStrategy),
+            replica `r` holds only experts `[r * E / R, (r + 1) * E / R)`,
+            on its own device (`kernels[l]` is then a
+            `expert_shards.ShardedKernel`); in a replica function, 3-D
+            inputs are exchanged with an all-to-all so that each replica
+            runs its experts on the slabs of every replica. Train it with
+            `keras_moe.ExpertParallelOptimizer`. Saved and loaded as the
+            whole kernels, so it loads at any R. Without a strategy (or
+            with one replica) it changes nothing.
         **kwargs: base layer keyword arguments.
 
     Call arguments:
@@ -70,10 +81,14 @@ class FeedForwardExperts(keras.layers.Layer):
         hidden_activation="relu",
         autoscale=True,
         kernel_initializer="glorot_uniform",
+        expert_parallel=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.num_experts = validation.check_int("num_experts", num_experts, 1)
+        self.expert_parallel = validation.check_bool(
+            "expert_parallel", expert_parallel)
+        self.num_shards = 1
         self.output_dim = (
             None if output_dim is None
             else validation.check_int("output_dim", output_dim, 1)
@@ -88,31 +103,75 @@ class FeedForwardExperts(keras.layers.Layer):
         input_dim = input_shape[-1]
         output_dim = self.output_dim or input_dim
         self.layer_sizes = (input_dim, *self.hidden_sizes, output_dim)
-        kernels = [
-            self.add_weight(
-                name=f"kernel_{layer}",
-                shape=(self.num_experts, fan_in, fan_out),
-                # Every expert and every layer draws its own values.
-                initializer=initialization.stacked(
-                    self.kernel_initializer,
-                    self.num_experts,
+        shapes = list(zip(self.layer_sizes[:-1], self.layer_sizes[1:]))
+        devices = self._shard_devices()
+        if devices:
+            self.num_shards = len(devices)
+            kernels = [
+                expert_shards.make_sharded_kernel(
+                    self, f"kernel_{layer}",
+                    (self.num_experts, fan_in, fan_out),
+                    self.kernel_initializer, devices,
                     offset=layer * self.num_experts,
-                ),
-            )
-            for layer, (fan_in, fan_out) in enumerate(
-                zip(self.layer_sizes[:-1], self.layer_sizes[1:])
-            )
-        ]
+                )
+                for layer, (fan_in, fan_out) in enumerate(shapes)
+            ]
+        else:
+            kernels = [
+                self.add_weight(
+                    name=f"kernel_{layer}",
+                    shape=(self.num_experts, fan_in, fan_out),
+                    # Every expert and every layer draws its own values.
+                    initializer=initialization.stacked(
+                        self.kernel_initializer,
+                        self.num_experts,
+                        offset=layer * self.num_experts,
+                    ),
+                )
+                for layer, (fan_in, fan_out) in enumerate(shapes)
+            ]
         private_hooks.set_checkpointable_list(self, "kernel", kernels)
+
+    def _shard_devices(self):
+        """The replicas' devices when the experts are to be sharded over
+        them, else None."""
+        if not self.expert_parallel or not tf.distribute.has_strategy():
+            return None
+        strategy = tf.distribute.get_strategy()
+        num_replicas = strategy.num_replicas_in_sync
+        if num_replicas == 1:
+            return None
+        if not isinstance(strategy, tf.distribute.MirroredStrategy):
+            raise ValueError(
+                "`expert_parallel=True` shards the experts over the replicas "
+                "of a MirroredStrategy (it needs an all-to-all between "
+                "replicas). Received: strategy="
+                f"{type(strategy).__name__} with {num_replicas} replicas"
+            )
+        devices = strategy.extended.worker_devices
+        if len(devices) != num_replicas:
+            raise ValueError(
+                "`expert_parallel=True` supports the replicas of one "
+                f"machine for now. Received: {num_replicas} replicas, "
+                f"{len(devices)} on this worker"
+            )
+        if self.num_experts % num_replicas:
+            raise ValueError(
+                "`expert_parallel=True` needs `num_experts` divisible by "
+                "the number of replicas. Received: "
+                f"num_experts={self.num_experts}, replicas={num_replicas}"
+            )
+        return list(devices)
 
     @property
     def kernels(self):
-        """`kernels[l]`: layer `l` of every expert, `[num_experts, in, out]`."""
+        """`kernels[l]`: layer `l` of every expert, `[num_experts, in, out]`
+        (a variable, or with sharded experts a `ShardedKernel`)."""
         return private_hooks.checkpointable_list(
             self, "kernel", len(self.layer_sizes) - 1
         )
 
-    def call(self, inputs, part_sizes=None):
+    def call(self, inputs, part_sizes=None, training=None):
         x = validation.check_float_tensor("inputs", inputs)
         stacked = part_sizes is None
         validation.check_input_shape(
@@ -136,6 +195,11 @@ class FeedForwardExperts(keras.layers.Layer):
             part_sizes = validation.check_part_sizes(
                 part_sizes, self.num_experts, tf.shape(x)[0]
             )
+        if self.num_shards > 1:
+            num_replicas, replica_id = all_to_all.replica_layout()
+            if num_replicas > 1:
+                return self._exchanged_slabs(
+                    x, stacked, num_replicas, replica_id, training)
         kernels = [
             tf.cast(kernel, self.compute_dtype) for kernel in self.kernels
         ]
@@ -147,6 +211,75 @@ class FeedForwardExperts(keras.layers.Layer):
         return grouped_feed_forward.grouped_feed_forward(
             x, kernels, part_sizes, self.between_layers
         )
+
+    def _exchanged_slabs(self, x, stacked, num_replicas, replica_id,
+                         training):
+        """Each replica's experts on the slabs every replica holds for them:
+        `x [num_experts, capacity, d]` here is this replica's slabs; the
+        result, `[num_experts, capacity, output_dim]`, its outputs."""
+        if not stacked or num_replicas != self.num_shards:
+            raise ValueError(
+                "Sharded experts run on slabs `[num_experts, capacity, d]` "
+                "(the capacity dispatch), in replica functions of the "
+                f"strategy they were built under ({self.num_shards} "
+                f"replicas). Received: inputs.shape={tuple(x.shape)}, "
+                f"{num_replicas} replicas"
+            )
+        xla.check_not_xla(
+            "Experts sharded over replicas (`expert_parallel=True`)",
+            "Train without `jit_compile=True`, or without "
+            "`expert_parallel`.",
+        )
+        if training and not getattr(
+                self.kernels[0], "trained_by_expert_parallel_optimizer",
+                False):
+            raise ValueError(
+                "Experts sharded over replicas (`expert_parallel=True`) "
+                "train only with `keras_moe.ExpertParallelOptimizer("
+                "optimizer)`, built before the first training step "
+                "(`model.fit` builds it; in a custom loop call "
+                "`optimizer.build(model.trainable_variables)` first). "
+                f"Layer: {self.name}"
+            )
+        per_replica = self.num_experts // num_replicas
+        capacity, width = tf.shape(x)[1], x.shape[2]
+        # Experts [r * E / R, (r + 1) * E / R) live on replica r.
+        received = all_to_all.all_to_all(
+            tf.reshape(x, [num_replicas, per_replica, capacity, width]))
+        # [sender, expert, slot, d] -> [expert, sender and slot, d]
+        slabs = tf.reshape(tf.transpose(received, [1, 0, 2, 3]),
+                           [per_replica, num_replicas * capacity, width])
+        kernels = [tf.cast(kernel.shards[replica_id], self.compute_dtype)
+                   for kernel in self.kernels]
+        outputs = grouped_feed_forward.slab_feed_forward(
+            slabs, kernels, self.between_layers)
+        output_dim = outputs.shape[2]
+        back = tf.transpose(
+            tf.reshape(outputs,
+                       [per_replica, num_replicas, capacity, output_dim]),
+            [1, 0, 2, 3])
+        returned = all_to_all.all_to_all(back)
+        return tf.reshape(returned, [self.num_experts, capacity, output_dim])
+
+    def save_own_variables(self, store):
+        if self.num_shards == 1:
+            return super().save_own_variables(store)
+        # The whole kernels, as the replicated layer saves them.
+        for i, kernel in enumerate(self.kernels):
+            store[str(i)] = kernel.numpy()
+
+    def load_own_variables(self, store):
+        if self.num_shards == 1:
+            return super().load_own_variables(store)
+        kernels = self.kernels
+        if len(store.keys()) != len(kernels):
+            raise ValueError(
+                f"Layer '{self.name}' expected {len(kernels)} variables, "
+                f"but received {len(store.keys())} variables during "
+                "loading."
+            )
+        for i, kernel in enumerate(kernels):
+            kernel.assign(store[str(i)])
 
     def call_expert(self, x, expert_index):
         """Expert `expert_index` (a Python int) alone on `x [m, d]`."""
@@ -196,5 +329,6 @@ class FeedForwardExperts(keras.layers.Layer):
             "kernel_initializer": keras.initializers.serialize(
                 self.kernel_initializer
             ),
+            "expert_parallel": self.expert_parallel,
         }
         return {**base_config, **config}

@@ -9,7 +9,7 @@ import keras
 import tensorflow as tf
 
 from keras_moe import (
-    balance, private_hooks, validation, xla,
+    all_to_all, balance, private_hooks, validation, xla,
 )
 from keras_moe.dispatch import CapacityDispatcher, SparseDispatcher
 from keras_moe.experts import FeedForwardExperts
@@ -436,6 +436,12 @@ class MixtureOfExperts(_SparseMixtureBase):
         eval_capacity_factor: float > 0, the same in inference (from
             `num_experts / k` on, no token is dropped).
         min_capacity: int >= 1, the fewest slots per expert.
+        expert_parallel: bool; with `dispatch="capacity"`, built under a
+            `tf.distribute.MirroredStrategy` of R replicas, replica `r`
+            holds only experts `[r * E / R, (r + 1) * E / R)` and runs them
+            on the tokens of every replica (all-to-all); capacity counts per
+            sending replica. Train with `keras_moe.ExpertParallelOptimizer`.
+            See docs/distributed.md.
         **kwargs: base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -496,6 +502,7 @@ class MixtureOfExperts(_SparseMixtureBase):
         capacity_factor=1.25,
         eval_capacity_factor=2.0,
         min_capacity=4,
+        expert_parallel=False,
         **kwargs,
     ):
         super().__init__(
@@ -517,8 +524,18 @@ class MixtureOfExperts(_SparseMixtureBase):
             "eval_capacity_factor", eval_capacity_factor
         )
         self.min_capacity = validation.check_int("min_capacity", min_capacity, 1)
-        # The capacity dispatch has static shapes and compiles with XLA.
-        self.supports_jit = dispatch == "capacity"
+        expert_parallel = validation.check_bool(
+            "expert_parallel", expert_parallel)
+        if expert_parallel and dispatch != "capacity":
+            raise ValueError(
+                "`expert_parallel=True` needs `dispatch=\"capacity\"`: the "
+                "all-to-all between replicas moves slabs of a static shape. "
+                f"Received: dispatch={dispatch!r}"
+            )
+        # The capacity dispatch has static shapes and compiles with XLA;
+        # the all-to-all between replicas does not (on CPU, XLA with a
+        # strategy fails even without it).
+        self.supports_jit = dispatch == "capacity" and not expert_parallel
         if self._drops_tokens() and self.routing_metrics:
             self._routing_trackers["dropped_fraction"] = keras.metrics.Mean(
                 name=f"{self.name}_dropped_fraction"
@@ -540,9 +557,14 @@ class MixtureOfExperts(_SparseMixtureBase):
             hidden_activation=hidden_activation,
             autoscale=autoscale,
             kernel_initializer=expert_initializer,
+            expert_parallel=expert_parallel,
             dtype=self.dtype_policy,
             name="experts",
         )
+
+    @property
+    def expert_parallel(self):
+        return self.experts.expert_parallel
 
     def _drops_tokens(self):
         return self.dispatch == "capacity"
@@ -628,10 +650,20 @@ class MixtureOfExperts(_SparseMixtureBase):
         factor = self.capacity_factor if training else self.eval_capacity_factor
         share = factor * self.gating.k / self.num_experts
         num_tokens = x.shape[0]
-        if num_tokens is not None:
+        if num_tokens is not None and self.experts.num_shards == 1:
             return max(1, min(num_tokens, max(
                 self.min_capacity, math.ceil(share * num_tokens))))
         num_tokens = tf.shape(x)[0]
+        if self.experts.num_shards > 1:
+            num_replicas, _ = all_to_all.replica_layout()
+            if num_replicas > 1:
+                # The slabs of every replica must have one shape: the
+                # capacity of the replica with the most tokens (a ragged
+                # last batch gives replicas different counts).
+                # (tf.distribute reduces only by SUM and MEAN.)
+                counts = tf.distribute.get_replica_context().all_gather(
+                    tf.reshape(tf.cast(num_tokens, tf.float32), [1]), 0)
+                num_tokens = tf.cast(tf.reduce_max(counts), tf.int32)
         wanted = tf.cast(
             tf.math.ceil(share * tf.cast(num_tokens, tf.float32)), tf.int32
         )
@@ -670,6 +702,7 @@ class MixtureOfExperts(_SparseMixtureBase):
             "capacity_factor": self.capacity_factor,
             "eval_capacity_factor": self.eval_capacity_factor,
             "min_capacity": self.min_capacity,
+            "expert_parallel": self.expert_parallel,
         }
         return {**base_config, **config}
 

@@ -28,6 +28,29 @@ upgrade moves or changes it.
   `{prefix}_{i}` attributes, which it follows. If that behaviour changes,
   the workaround stays harmless; if attributes stop being followed, TF
   checkpoints of the layers lose weights.
+- `collective_ops.all_to_all_v2` (TensorFlow, `tensorflow.python.ops`)
+  launched like the strategy's own collectives
+  (`strategy.extended._collective_ops._launchers[replica]`: its group
+  key, instance keys and ordering token): the `CollectiveAllToAllV2` op
+  sends slice `r` of a tensor to replica `r`; `tf.distribute` offers
+  all-reduce and all-gather but no all-to-all (tensorflow/tensorflow
+  #77367). Ordered with the strategy's own collectives (one ordering
+  token per device), replicas cannot run them in different orders, which
+  deadlocks; instance keys fed at call time agree across workers.
+  `collective_all_to_all` is `keras_moe.all_to_all`'s transport. If any
+  of it moves, sharded experts raise ImportError naming it.
+- `numpy_dataset.SingleDevice` (TensorFlow, `tensorflow.python.distribute`):
+  passed as `colocate_with` to variable creation inside a strategy's scope,
+  it makes an ordinary variable on one device instead of a mirrored one
+  (`MirroredStrategy` honours it; `tf.device` inside the scope is ignored).
+  `on_one_device` uses it to put each shard of the experts (and its
+  optimizer slots) on its replica's device only. If it moves, sharded
+  experts raise ImportError naming it.
+- `Optimizer._use_weight_decay` (Keras): whether an optimizer decays a
+  variable (`exclude_from_weight_decay`). `ExpertParallelOptimizer` applies
+  the decay of expert shards itself, on their devices, and must honour the
+  exclusions; Keras has no public test. If it moves, `uses_weight_decay`
+  raises AttributeError naming it.
 """
 
 import threading
@@ -39,6 +62,16 @@ try:  # TensorFlow's own test for "being traced for XLA"; private.
     from tensorflow.python.ops import control_flow_util
 except ImportError:  # pragma: no cover - a TensorFlow that moved it
     control_flow_util = None
+
+try:  # The all-to-all collective; private.
+    from tensorflow.python.ops import collective_ops
+except ImportError:  # pragma: no cover - a TensorFlow that moved it
+    collective_ops = None
+
+try:  # "One device, not mirrored" for variable creation; private.
+    from tensorflow.python.distribute import numpy_dataset
+except ImportError:  # pragma: no cover - a TensorFlow that moved it
+    numpy_dataset = None
 
 
 def xla_tracing():
@@ -107,6 +140,67 @@ def set_checkpointable_list(owner, prefix, items):
 def checkpointable_list(owner, prefix, count):
     """The `count` items `set_checkpointable_list` kept under `prefix`."""
     return [getattr(owner, f"{prefix}_{i}") for i in range(count)]
+
+
+def collective_all_to_all(x, strategy, local_replica, timeout):
+    """`CollectiveAllToAllV2` among the replicas of `strategy`, in its
+    collective group and order: slice `r` of `x` (first dimension the
+    number of replicas) goes to replica `r`; slice `s` of the result came
+    from replica `s`. `local_replica` indexes this worker's replicas."""
+    launchers = getattr(
+        getattr(strategy.extended, "_collective_ops", None), "_launchers",
+        None)
+    missing = [
+        name for name in ("_next_instance_key", "_get_ordering_token",
+                          "_group_key", "_group_size", "_device")
+        if launchers and not hasattr(launchers[0], name)
+    ]
+    if (collective_ops is None
+            or not hasattr(collective_ops, "all_to_all_v2")
+            or not launchers or missing):
+        raise ImportError(
+            "keras_moe's sharded experts need TensorFlow's private "
+            "`collective_ops.all_to_all_v2` and the strategy's collective "
+            "launchers (`extended._collective_ops._launchers`), which this "
+            f"TensorFlow or strategy ({type(strategy).__name__}) does not "
+            f"have ({versions()})."
+        )
+    launcher = launchers[local_replica]
+    instance_key = launcher._next_instance_key()
+    ordering_token = launcher._get_ordering_token()
+    with tf.device(launcher._device):
+        return collective_ops.all_to_all_v2(
+            x, launcher._group_size, launcher._group_key, instance_key,
+            timeout=timeout, ordering_token=ordering_token,
+        )
+
+
+def on_one_device(device):
+    """A `tf.variable_creator_scope` under which variables created in a
+    strategy's scope are ordinary variables on `device`, not mirrored."""
+    if numpy_dataset is None or not hasattr(numpy_dataset, "SingleDevice"):
+        raise ImportError(
+            "keras_moe's sharded experts need TensorFlow's private "
+            "`tensorflow.python.distribute.numpy_dataset.SingleDevice`, "
+            f"which this TensorFlow does not have ({versions()})."
+        )
+
+    def creator(next_creator, **kwargs):
+        kwargs["colocate_with"] = numpy_dataset.SingleDevice(device)
+        return next_creator(**kwargs)
+
+    return tf.variable_creator_scope(creator)
+
+
+def uses_weight_decay(optimizer, variable):
+    """Whether `optimizer` applies its weight decay to `variable`."""
+    if not hasattr(optimizer, "_use_weight_decay"):
+        raise AttributeError(
+            "keras_moe's ExpertParallelOptimizer needs Keras's private "
+            "`Optimizer._use_weight_decay`, which this Keras does not have "
+            f"({versions()})."
+        )
+    return optimizer._use_weight_decay(variable)
 
 
 def versions():

@@ -1,0 +1,114 @@
+"""A stacked expert kernel `[num_experts, in, out]` held as one shard per
+replica device, that saves and loads as the whole kernel."""
+
+import numpy as np
+import tensorflow as tf
+
+from keras_moe import initialization, private_hooks
+
+
+class ShardedKernel(tf.__internal__.tracking.Trackable):
+    """Layer `l` of every expert, split over the replicas' devices.
+
+    Shard `r` is an ordinary (not mirrored) variable
+    `[num_experts / num_shards, in, out]` on device `r`, holding experts
+    `[r * E / R, (r + 1) * E / R)`. Read whole (`value()`, `numpy()`,
+    `tf.convert_to_tensor`) it is the replicated layer's kernel, and it is
+    saved by `tf.train.Checkpoint` as that kernel (one tensor, restored into
+    any number of shards).
+    """
+
+    def __init__(self, shards):
+        self.shards = list(shards)
+        for index, shard in enumerate(self.shards):
+            # What ExpertParallelOptimizer reads to keep the shard's update
+            # on its own device.
+            shard._keras_moe_shard = (self, index)
+            # Until an ExpertParallelOptimizer takes the shards: a plain
+            # optimizer then makes no slots for them (TensorFlow's would
+            # fail, unclearly, to mirror them), so that the layer's own
+            # error ("train with ExpertParallelOptimizer") is the one a
+            # user sees at the first training step.
+            shard.overwrite_with_gradient = True
+
+    @property
+    def num_shards(self):
+        return len(self.shards)
+
+    @property
+    def shape(self):
+        first = self.shards[0].shape
+        return tf.TensorShape(
+            (first[0] * self.num_shards,) + tuple(first[1:]))
+
+    @property
+    def dtype(self):
+        return self.shards[0].dtype
+
+    @property
+    def name(self):
+        return self.shards[0].name.rsplit("_shard_", 1)[0]
+
+    def value(self):
+        return tf.concat([tf.convert_to_tensor(s) for s in self.shards], 0)
+
+    def numpy(self):
+        return np.concatenate([np.asarray(s.numpy()) for s in self.shards])
+
+    def assign(self, value):
+        """Assigns a whole `[num_experts, in, out]` value, shard by shard."""
+        value = tf.convert_to_tensor(value, self.dtype)
+        if not value.shape.is_compatible_with(self.shape):
+            raise ValueError(
+                f"A sharded kernel of shape {tuple(self.shape)} cannot take "
+                f"a value of shape {tuple(value.shape)}."
+            )
+        for shard, part in zip(self.shards, split(value, self.num_shards)):
+            shard.assign(part)
+
+    def __getitem__(self, index):
+        return self.value()[index]
+
+    def _serialize_to_tensors(self):
+        return {"VARIABLE_VALUE": self.value()}
+
+    def _restore_from_tensors(self, restored_tensors):
+        self.assign(restored_tensors["VARIABLE_VALUE"])
+        return tf.group([s.value for s in self.shards])
+
+
+tf.register_tensor_conversion_function(
+    ShardedKernel,
+    lambda kernel, dtype=None, name=None, as_ref=False: tf.cast(
+        kernel.value(), dtype or kernel.dtype),
+)
+
+
+def shard_of(variable):
+    """`(ShardedKernel, shard index)` when `variable` is a shard, else
+    None."""
+    return getattr(variable, "_keras_moe_shard", None)
+
+
+def split(value, num_shards):
+    """`value`'s rows in `num_shards` equal consecutive parts."""
+    return tf.split(value, num_shards, axis=0)
+
+
+def make_sharded_kernel(layer, name, shape, initializer, devices, offset):
+    """Adds to `layer` one weight per device in `devices`, the shards of a
+    `[num_experts, in, out]` kernel, each expert initialized as the
+    replicated layer initializes it (`initialization.stacked`, seeds
+    `offset + expert`); returns their `ShardedKernel`."""
+    num_experts = shape[0]
+    per_shard = num_experts // len(devices)
+    shards = []
+    for index, device in enumerate(devices):
+        with private_hooks.on_one_device(device):
+            shards.append(layer.add_weight(
+                name=f"{name}_shard_{index}",
+                shape=(per_shard,) + tuple(shape[1:]),
+                initializer=initialization.stacked(
+                    initializer, per_shard, offset=offset + index * per_shard),
+            ))
+    return ShardedKernel(shards)
