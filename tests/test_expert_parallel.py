@@ -312,3 +312,25 @@ def test_without_a_strategy_it_is_the_ordinary_layer():
     x, _ = _data(n=8)
     np.testing.assert_array_equal(model.predict(x, verbose=0),
                                   reference.predict(x, verbose=0))
+
+
+def test_backup_and_restore_resumes_at_another_replica_count(tmp_path):
+    x, y = _data()
+    backup = str(tmp_path / "backup")
+    with mirrored(2).scope():
+        model = _model()
+        model.compile(optimizer=ExpertParallelOptimizer(
+            keras.optimizers.Adam(0.01)), loss="mse")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[
+        keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False)])
+    want = _weights(model)
+    with mirrored(4).scope():
+        resumed = _model()
+        # Another learning rate: had it trained, its weights would differ.
+        resumed.compile(optimizer=ExpertParallelOptimizer(
+            keras.optimizers.Adam(0.5)), loss="mse")
+    # The backup says epoch 1 of 1 is done: restored, nothing trained.
+    resumed.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[
+        keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False)])
+    for a, b in zip(_weights(resumed), want):
+        np.testing.assert_array_equal(a, b)
