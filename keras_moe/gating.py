@@ -127,7 +127,8 @@ class NoisyTopKGating(keras.layers.Layer):
 
     @property
     def input_dim(self):
-        return self.gate_kernel.shape[0] if self.built else None
+        # [d, experts], or stacked [..., d, experts] (SecondaryGating).
+        return self.gate_kernel.shape[-2] if self.built else None
 
     def call(self, inputs, training=None, noise=None, mask=None):
         x = validation.check_float_tensor("inputs", inputs)

@@ -30,6 +30,22 @@ Routed = collections.namedtuple(
 )
 
 
+def _experts(layer, num_experts, output_dim, hidden_sizes, hidden_activation,
+             autoscale, expert_initializer, expert_parallel=False):
+    """The `FeedForwardExperts` sublayer of an MoE layer, `layer.experts`."""
+    return FeedForwardExperts(
+        num_experts,
+        output_dim,
+        hidden_sizes=hidden_sizes,
+        hidden_activation=hidden_activation,
+        autoscale=autoscale,
+        kernel_initializer=expert_initializer,
+        expert_parallel=expert_parallel,
+        dtype=layer.dtype_policy,
+        name="experts",
+    )
+
+
 class _SparseMixtureBase(keras.layers.Layer):
     """What every sparse MoE layer shares: flattening inputs of any rank,
     masks, side-input checks, the balancing loss and the routing report.
@@ -550,17 +566,9 @@ class MixtureOfExperts(_SparseMixtureBase):
             dtype=self.dtype_policy,
             name="gating",
         )
-        self.experts = FeedForwardExperts(
-            num_experts,
-            output_dim,
-            hidden_sizes=hidden_sizes,
-            hidden_activation=hidden_activation,
-            autoscale=autoscale,
-            kernel_initializer=expert_initializer,
-            expert_parallel=expert_parallel,
-            dtype=self.dtype_policy,
-            name="experts",
-        )
+        self.experts = _experts(
+            self, num_experts, output_dim, hidden_sizes, hidden_activation,
+            autoscale, expert_initializer, expert_parallel=expert_parallel)
 
     @property
     def expert_parallel(self):
@@ -839,16 +847,9 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             name="secondary_gating",
         )
         # Expert (i, j) is expert i * experts_per_group + j.
-        self.experts = FeedForwardExperts(
-            num_groups * experts_per_group,
-            output_dim,
-            hidden_sizes=hidden_sizes,
-            hidden_activation=hidden_activation,
-            autoscale=autoscale,
-            kernel_initializer=expert_initializer,
-            dtype=self.dtype_policy,
-            name="experts",
-        )
+        self.experts = _experts(
+            self, num_groups * experts_per_group, output_dim, hidden_sizes,
+            hidden_activation, autoscale, expert_initializer)
 
     @property
     def groups(self):

@@ -110,10 +110,6 @@ class SecondaryGating(NoisyTopKGating):
                 autocast=False,
             )
 
-    @property
-    def input_dim(self):
-        return self.gate_kernel.shape[1] if self.built else None
-
     def call(self, inputs, group_sizes=None, training=None, noise=None):
         x = validation.check_float_tensor("inputs", inputs)
         validation.check_input_shape("inputs", x.shape, 2, 2, self.input_dim)
