@@ -5,15 +5,16 @@ layers that helper cannot take: shapes that depend on the data (no XLA,
 except the capacity dispatch), tensor arguments besides the first
 (`part_sizes`, `group_sizes`, `gating_inputs`, `target_classes`), tuple
 and dict outputs (the gatings, `return_routing=True`), integer inputs.
-Public Keras APIs only: no test outside tests/test_parity*.py imports
-`keras.src`.
+Public Keras APIs only, no `keras.src`: a Keras upgrade that changes one
+of them fails a check here by name, not an import.
 
 For one `LayerCase`, in this order (each failure names the case and the
 check):
 
-1. config: every constructor argument is in `get_config()`, which survives
-   JSON; `from_config` gives back the same config and refuses an unknown
-   key; `serialize_keras_object` names the registered class, and
+1. config: every constructor argument is in `get_config()`, each one the
+   case gives with the value given; the config survives JSON;
+   `from_config` gives back the same config and refuses an unknown key;
+   `serialize_keras_object` names the registered class, and
    `deserialize_keras_object(..., safe_mode=True)` gives it back.
 2. build: `layer.build(shapes)` builds the weights (how many, which shapes)
    that calling the layer builds; rebuilt from its config under the same
@@ -129,7 +130,8 @@ def _check_config(case):
         f"{case}: get_config() lacks the constructor arguments {missing}: a "
         f"layer from its config would take their defaults")
     for name, value in case.init_kwargs.items():
-        want, got = _as_in_config(name, value), _as_in_config(name, config[name])
+        want = _as_in_config(name, value)
+        got = _as_in_config(name, config[name])
         assert got == want, (
             f"{case}: the layer was given {name}={value!r}, its config "
             f"says {config[name]!r}")
@@ -189,6 +191,7 @@ def _check_build(case):
     config = built.get_config()
     rebuilt = _seeded(case, lambda: case.cls.from_config(config))
     _build(case, rebuilt)
+    assert _weight_shapes(rebuilt) == _weight_shapes(built), case
     for want, got in zip(built.weights, rebuilt.weights):
         np.testing.assert_array_equal(
             got.numpy(), want.numpy(),
@@ -398,7 +401,9 @@ def _assert_outputs(case, outputs, compute_dtype, what, symbolic=False):
 
 def _assert_equal_outputs(case, got, want, what):
     got, want = _leaves(got), _leaves(want)
-    assert len(got) == len(want), (case, what, len(got), len(want))
+    assert [p for p, _ in got] == [p for p, _ in want], (
+        f"{case}: {what} are {[p for p, _ in got]}, the layer's "
+        f"{[p for p, _ in want]}")
     for (path, g), (_, w) in zip(got, want):
         np.testing.assert_array_equal(
             keras.ops.convert_to_numpy(g), keras.ops.convert_to_numpy(w),
