@@ -263,25 +263,6 @@ def test_inference_is_deterministic_and_training_is_noisy():
     assert not np.allclose(layer(x, training=True), layer(x, training=True))
 
 
-def test_functional_model_fit_step_and_no_xla():
-    inputs = keras.Input((4, 6))
-    h = keras_moe.MixtureOfExperts(4, k=2, hidden_sizes=(8,))(inputs)
-    model = keras.Model(inputs, keras.layers.Dense(2)(h))
-    assert model.output_shape == (None, 4, 2)
-    model.compile("adam", "mse", jit_compile="auto")
-    assert model.jit_compile is False
-    from keras.src.trainers.trainer import model_supports_jit
-
-    assert not model_supports_jit(model)
-    rng = np.random.default_rng(9)
-    x, y = rng.normal(size=(16, 4, 6)), rng.normal(size=(16, 4, 2))
-    before = [w.numpy().copy() for w in model.trainable_weights]
-    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    assert np.isfinite(history.history["loss"][0])
-    after = model.trainable_weights
-    assert all(not np.array_equal(b, a.numpy()) for b, a in zip(before, after))
-
-
 @pytest.mark.parametrize("dispatch", ["sparse", "capacity"])
 def test_graph_size_does_not_grow_with_the_number_of_experts(dispatch):
     # Past grouped_feed_forward.MAX_UNROLLED_EXPERTS experts the per-expert
@@ -296,23 +277,3 @@ def test_graph_size_does_not_grow_with_the_number_of_experts(dispatch):
     first = grouped_feed_forward.MAX_UNROLLED_EXPERTS + step
     sizes = [train_step_size(first), train_step_size(first + 60 * step)]
     assert sizes[0] == sizes[1], sizes
-
-
-@pytest.mark.parametrize("dispatch", ["sparse", "capacity"])
-def test_return_routing_in_a_functional_model(dispatch):
-    layer = keras_moe.MixtureOfExperts(
-        3, k=2, dispatch=dispatch, gate_initializer="random_normal"
-    )
-    inputs = keras.Input((6,))
-    y, routing = layer(inputs, return_routing=True)
-    assert routing["gates"].shape == (None, 3)
-    assert routing["gates"].dtype == "float32"
-    x = np.random.default_rng(4).normal(size=(5, 6)).astype("float32")
-    eager_y, eager = layer(x, return_routing=True)
-    assert sorted(routing) == sorted(eager)
-    # Keras pairs a dict's symbolic entries with the computed ones by key:
-    # every entry must come back as itself.
-    outputs = keras.Model(inputs, [y, routing])(x)
-    assert_close(outputs[0], eager_y, FORWARD)
-    for key, value in eager.items():
-        assert_close(outputs[1][key], value, FORWARD, what=key)
