@@ -179,13 +179,6 @@ def test_top_k_by_argmax_shares_gradient_of_ties_like_reduce_max():
                  ELEMENTWISE, what="gradient")
 
 
-def test_symbolic_call_shapes():
-    inputs = keras.Input((6,))
-    gates, load = keras_moe.NoisyTopKGating(4, k=2)(inputs)
-    assert gates.shape == (None, 4) and load.shape == (4,)
-    assert gates.dtype == "float32"
-
-
 def test_seeded_initializer_gives_gate_and_noise_kernels_their_own_values():
     gating = keras_moe.NoisyTopKGating(
         4, kernel_initializer=keras.initializers.RandomNormal(seed=1)

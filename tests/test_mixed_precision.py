@@ -57,13 +57,14 @@ def _assert_outputs_close(got, want, compute_dtype):
                  what=f"{compute_dtype} outputs vs float32")
 
 
-@pytest.mark.parametrize("use_global_policy", [False, True],
-                         ids=["dtype_arg", "global_policy"])
 @pytest.mark.parametrize("policy, compute_dtype", POLICIES)
-def test_dtypes_of_variables_outputs_and_routing(
-    policy, compute_dtype, use_global_policy
+def test_dtypes_of_variables_outputs_and_routing_under_global_policy(
+    policy, compute_dtype
 ):
-    _, layer, x = _float32_and_mixed_layers(policy, use_global_policy)
+    # With the policy as the `dtype` argument, tests/test_layer_contract.py
+    # checks the same outputs, routing, losses and variables; here the
+    # global policy, and the sublayers' dtypes.
+    _, layer, x = _float32_and_mixed_layers(policy, use_global_policy=True)
     assert layer.compute_dtype == compute_dtype
     assert layer.gating.compute_dtype == compute_dtype
     assert layer.experts.compute_dtype == compute_dtype

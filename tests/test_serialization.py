@@ -1,7 +1,9 @@
-"""Serialization of the keras_moe layers: configs, `.keras` files, SavedModel
-export (in this process and a fresh one) and `TFSMLayer`."""
+"""Serialization of the keras_moe layers beyond the round trips every layer
+passes in tests/test_layer_contract.py (config, `.keras` file): masks,
+weights moving between `routing_metrics` settings, files older than the
+statistics, SavedModel export (in this process and a fresh one) and
+`TFSMLayer`."""
 
-import json
 import os
 import subprocess
 import sys
@@ -16,8 +18,6 @@ import keras_moe
 from numerics import ELEMENTWISE, FORWARD, assert_close
 
 MOE_CONFIGS = {
-    "hidden": dict(num_experts=4, k=2, hidden_sizes=(8,)),
-    "output_dim": dict(num_experts=3, k=1, output_dim=4),
     "not_noisy_two_hidden": dict(
         num_experts=5,
         k=3,
@@ -39,35 +39,6 @@ MOE_CONFIGS = {
         seed=7,
     ),
 }
-
-GATING_CONFIGS = {
-    "default": dict(num_experts=4),
-    "not_noisy": dict(num_experts=6, k=3, noisy_gating=False),
-    "custom": dict(
-        num_experts=5,
-        k=1,
-        noise_epsilon=0.1,
-        kernel_initializer=keras.initializers.TruncatedNormal(seed=3),
-        seed=11,
-    ),
-}
-
-EXPERTS_CONFIGS = {
-    "linear": dict(num_experts=3, output_dim=4),
-    "same_dim": dict(num_experts=2, output_dim=None, hidden_sizes=(5, 3)),
-    "custom": dict(
-        num_experts=4,
-        output_dim=2,
-        hidden_sizes=(6,),
-        hidden_activation="sigmoid",
-        autoscale=False,
-        kernel_initializer=keras.initializers.Orthogonal(seed=4),
-    ),
-}
-
-
-def _params(configs):
-    return [pytest.param(config, id=name) for name, config in configs.items()]
 
 
 def _randomize_weights(model, seed=0):
@@ -92,156 +63,9 @@ def _inputs(batch=7, seed=1):
     )
 
 
-def _weights_by_path(model):
-    return {variable.path: variable.numpy() for variable in model.weights}
-
-
-def _assert_same_config(layer, clone):
-    config = layer.get_config()
-    assert clone.get_config() == config
-    # And it survives JSON (what a .keras file stores).
-    assert json.loads(json.dumps(config)) == json.loads(
-        json.dumps(clone.get_config())
-    )
-
-
-# --------------------------------------------------------------------------
-# get_config / from_config
-# --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("config", _params(MOE_CONFIGS))
-def test_moe_config_round_trip(config):
-    layer = keras_moe.MixtureOfExperts(**config)
-    clone = keras_moe.MixtureOfExperts.from_config(layer.get_config())
-    _assert_same_config(layer, clone)
-    assert clone.num_experts == config["num_experts"]
-    assert clone.gating.k == config["k"]
-    assert clone.gating.noisy_gating == config.get("noisy_gating", True)
-    assert clone.experts.hidden_sizes == tuple(config.get("hidden_sizes", ()))
-    assert clone.experts.output_dim == config.get("output_dim")
-    assert clone.loss_coef == config.get("loss_coef", 1e-2)
-    assert clone.gating.seed == config.get("seed")
-    # Initializers come back as the same class with the same config.
-    for attr, key, default in [
-        ("gating", "gate_initializer", "zeros"),
-        ("experts", "expert_initializer", "glorot_uniform"),
-    ]:
-        want = keras.initializers.get(config.get(key, default))
-        got = getattr(clone, attr).kernel_initializer
-        assert type(got) is type(want)
-        assert got.get_config() == want.get_config()
-
-
-@pytest.mark.parametrize("config", _params(MOE_CONFIGS))
-def test_moe_serialize_deserialize_builds_same_layer(config):
-    layer = keras_moe.MixtureOfExperts(**config)
-    x = _inputs()
-    layer.build(x.shape)
-    _randomize_weights(layer)
-    serialized = keras.saving.serialize_keras_object(layer)
-    assert serialized["registered_name"] == "keras_moe>MixtureOfExperts"
-    clone = keras.saving.deserialize_keras_object(serialized, safe_mode=True)
-    assert isinstance(clone, keras_moe.MixtureOfExperts)
-    # A built layer's build config comes back with it: same weight shapes.
-    assert clone.built
-    assert [w.shape for w in clone.weights] == [w.shape for w in layer.weights]
-    clone.set_weights(layer.get_weights())
-    np.testing.assert_array_equal(np.asarray(clone(x)), np.asarray(layer(x)))
-
-
-@pytest.mark.parametrize("config", _params(GATING_CONFIGS))
-def test_gating_config_round_trip(config):
-    layer = keras_moe.NoisyTopKGating(**config)
-    clone = keras_moe.NoisyTopKGating.from_config(layer.get_config())
-    _assert_same_config(layer, clone)
-    assert (clone.num_experts, clone.k, clone.noisy_gating, clone.seed) == (
-        layer.num_experts, layer.k, layer.noisy_gating, layer.seed
-    )
-    x = _inputs().reshape(-1, 6)
-    layer.build(x.shape)
-    _randomize_weights(layer)
-    serialized = keras.saving.serialize_keras_object(layer)
-    assert serialized["registered_name"] == "keras_moe>NoisyTopKGating"
-    clone = keras.saving.deserialize_keras_object(serialized, safe_mode=True)
-    assert clone.built
-    assert len(clone.weights) == len(layer.weights) == (
-        2 if config.get("noisy_gating", True) else 1
-    )
-    clone.set_weights(layer.get_weights())
-    for got, want in zip(clone(x), layer(x)):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-
-
-@pytest.mark.parametrize("config", _params(EXPERTS_CONFIGS))
-def test_experts_config_round_trip(config):
-    layer = keras_moe.FeedForwardExperts(**config)
-    clone = keras_moe.FeedForwardExperts.from_config(layer.get_config())
-    _assert_same_config(layer, clone)
-    assert clone.hidden_sizes == layer.hidden_sizes
-    assert clone.output_dim == layer.output_dim
-    serialized = keras.saving.serialize_keras_object(layer)
-    assert serialized["registered_name"] == "keras_moe>FeedForwardExperts"
-    clone = keras.saving.deserialize_keras_object(serialized, safe_mode=True)
-    x = _inputs().reshape(-1, 6)[:10]
-    part_sizes = tf.constant(
-        [10 - (config["num_experts"] - 1)] + [1] * (config["num_experts"] - 1)
-    )
-    want = layer(x, part_sizes)
-    clone.build(x.shape)
-    assert [w.shape for w in clone.weights] == [w.shape for w in layer.weights]
-    clone.set_weights(layer.get_weights())
-    np.testing.assert_array_equal(np.asarray(clone(x, part_sizes)),
-                                  np.asarray(want))
-
-
-@pytest.mark.parametrize(
-    "cls, config",
-    [
-        pytest.param(keras_moe.MixtureOfExperts, MOE_CONFIGS["hidden"],
-                     id="moe"),
-        pytest.param(keras_moe.NoisyTopKGating, GATING_CONFIGS["default"],
-                     id="gating"),
-        pytest.param(keras_moe.FeedForwardExperts, EXPERTS_CONFIGS["linear"],
-                     id="experts"),
-    ],
-)
-def test_unknown_config_key_raises(cls, config):
-    good = cls(**config).get_config()
-    with pytest.raises((ValueError, TypeError), match="bogus"):
-        cls.from_config({**good, "bogus": 1})
-
-
 # --------------------------------------------------------------------------
 # .keras files
 # --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("config", _params(MOE_CONFIGS))
-def test_keras_file_round_trip(config, tmp_path):
-    model = _moe_model(config)
-    x = _inputs()
-    expected = model.predict(x, verbose=0)
-    # Inference has no noise: predictions are deterministic.
-    np.testing.assert_array_equal(model.predict(x, verbose=0), expected)
-    path = str(tmp_path / "model.keras")
-    model.save(path)
-
-    loaded = keras.models.load_model(path, safe_mode=True)
-
-    moe = loaded.get_layer("moe")
-    assert isinstance(moe, keras_moe.MixtureOfExperts)
-    assert moe.get_config() == model.get_layer("moe").get_config()
-    want_weights = _weights_by_path(model)
-    got_weights = _weights_by_path(loaded)
-    assert sorted(got_weights) == sorted(want_weights)
-    for path_, value in want_weights.items():
-        np.testing.assert_array_equal(got_weights[path_], value,
-                                      err_msg=path_)
-    np.testing.assert_array_equal(loaded.predict(x, verbose=0), expected)
-    # The loaded layer still adds its balancing loss.
-    loaded(x)
-    assert len(moe.losses) == 1
 
 
 def test_keras_file_round_trip_with_mask(tmp_path):
