@@ -5,8 +5,9 @@ layers that helper cannot take: shapes that depend on the data (no XLA,
 except the capacity dispatch), tensor arguments besides the first
 (`part_sizes`, `group_sizes`, `gating_inputs`, `target_classes`), tuple
 and dict outputs (the gatings, `return_routing=True`), integer inputs.
-Public Keras APIs only, no `keras.src`: a Keras upgrade that changes one
-of them fails a check here by name, not an import.
+Public Keras APIs only (none of Keras's private `src` package; the test
+suite holds no import of it, tests/test_layer_contract.py checks): a Keras
+upgrade that changes one fails a check here by name, not an import.
 
 For one `LayerCase`, in this order (each failure names the case and the
 check):

@@ -5,6 +5,9 @@ precision (tests/layer_test_case.py says what each check asserts).
 Each case sets most arguments away from their defaults, so that a config
 that loses one gives another layer."""
 
+import pathlib
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -192,6 +195,21 @@ def test_every_layer_has_a_case():
     assert SecondaryGating in layers
     missing = layers - {case.cls for case in CASES}
     assert not missing, sorted(cls.__name__ for cls in missing)
+
+
+def test_no_test_imports_private_keras():
+    # Keras's `src` package is private: a Keras upgrade may move anything
+    # in it. The tests use the public API (layer_test_case.py for the
+    # checks Keras's own TestCase makes).
+    private = re.compile(r"^\s*(from|import)\s+keras\.src\b", re.M)
+    found = [
+        f"{path.relative_to(pathlib.Path(__file__).parent)}:"
+        f"{text.count(chr(10), 0, match.start()) + 1}"
+        for path in sorted(pathlib.Path(__file__).parent.rglob("*.py"))
+        for text in [path.read_text()]
+        for match in private.finditer(text)
+    ]
+    assert not found, found
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
