@@ -188,3 +188,70 @@ def test_checkpointable_list_gives_back_the_items_in_order():
     assert private_hooks.checkpointable_list(owner, "group", 3) == items
     with pytest.raises(AttributeError):
         private_hooks.checkpointable_list(owner, "group", 4)
+
+
+# --- collective_ops.all_to_all_v2 through the strategy's launchers ----------
+
+def test_strategy_collective_launchers_still_there():
+    hook = "MirroredStrategy.extended._collective_ops._launchers"
+    launchers = getattr(getattr(mirrored(2).extended, "_collective_ops",
+                                None), "_launchers", None)
+    assert launchers and len(launchers) == 2, _moved(hook, "no launchers")
+    for name in ("_next_instance_key", "_get_ordering_token", "_group_key",
+                 "_group_size", "_device"):
+        assert hasattr(launchers[0], name), _moved(hook, f"{name} is gone")
+    assert private_hooks.collective_ops is not None and hasattr(
+        private_hooks.collective_ops, "all_to_all_v2"), _moved(
+        "collective_ops.all_to_all_v2", "it no longer imports")
+
+
+def test_collective_all_to_all_exchanges_slices_between_replicas():
+    hook = "collective_ops.all_to_all_v2"
+    strategy = mirrored(2)
+
+    def exchange(x):
+        replica = tf.get_static_value(
+            tf.distribute.get_replica_context().replica_id_in_sync_group)
+        return private_hooks.collective_all_to_all(x, strategy, replica, 60)
+
+    values = strategy.experimental_distribute_values_from_function(
+        lambda context: tf.constant(
+            [[10.0 * context.replica_id_in_sync_group],
+             [10.0 * context.replica_id_in_sync_group + 1]]))
+    received = strategy.experimental_local_results(
+        tf.function(lambda v: strategy.run(exchange, args=(v,)))(values))
+    # Replica r gets slice r of what each replica sent.
+    np.testing.assert_array_equal(received[0], [[0.0], [10.0]],
+                                  err_msg=_moved(hook, "wrong exchange"))
+    np.testing.assert_array_equal(received[1], [[1.0], [11.0]],
+                                  err_msg=_moved(hook, "wrong exchange"))
+
+
+# --- numpy_dataset.SingleDevice ---------------------------------------------
+
+def test_single_device_creation_makes_a_plain_variable_on_that_device():
+    hook = "numpy_dataset.SingleDevice"
+    with mirrored(2).scope():
+        with private_hooks.on_one_device("/cpu:1"):
+            variable = tf.Variable(1.0)
+        mirrored_variable = tf.Variable(1.0)
+    assert not isinstance(variable, tf.distribute.DistributedValues), _moved(
+        hook, "the variable is still mirrored")
+    assert variable.device.endswith("CPU:1"), _moved(
+        hook, f"placed on {variable.device}")
+    assert isinstance(mirrored_variable, tf.distribute.DistributedValues)
+
+
+# --- Optimizer._use_weight_decay --------------------------------------------
+
+def test_optimizer_use_weight_decay_honours_exclusions():
+    hook = "Optimizer._use_weight_decay"
+    optimizer = keras.optimizers.AdamW(weight_decay=0.1)
+    kept, excluded = keras.Variable(1.0, name="kept"), keras.Variable(
+        1.0, name="bias")
+    optimizer.exclude_from_weight_decay(var_names=["bias"])
+    optimizer.build([kept, excluded])
+    assert private_hooks.uses_weight_decay(optimizer, kept) is True, _moved(
+        hook, "a decayed variable reads as excluded")
+    assert private_hooks.uses_weight_decay(optimizer, excluded) is False, (
+        _moved(hook, "an excluded variable reads as decayed"))
