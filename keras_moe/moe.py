@@ -50,9 +50,10 @@ class _SparseMixtureBase(keras.layers.Layer):
     """What every sparse MoE layer shares: flattening inputs of any rank,
     masks, side-input checks, the balancing loss and the routing report.
 
-    Subclasses define `_route` on one flat batch of tokens, `_balance`,
-    the sizes (`num_experts`, `input_dim`, `gating_input_dim`,
-    `output_dim`) and `_noise_shapes`.
+    Subclasses make `self.experts` (a `FeedForwardExperts`, which gives
+    `num_experts`, `input_dim` and `output_dim`) and define `_route` on one
+    flat batch of tokens, `_balance`, `gating_input_dim` and
+    `_noise_shapes`.
     """
 
     def __init__(
@@ -103,6 +104,45 @@ class _SparseMixtureBase(keras.layers.Layer):
         if len(store.keys()) == 0:
             return
         super().load_own_variables(store)
+
+    @property
+    def num_experts(self):
+        return self.experts.num_experts
+
+    @property
+    def input_dim(self):
+        return self.experts.layer_sizes[0]
+
+    @property
+    def output_dim(self):
+        return self.experts.layer_sizes[-1]
+
+    def _output_dim_for(self, input_dim):
+        return self.experts.output_dim or input_dim
+
+    def _shared_config(self, gating):
+        """The config entries of the arguments every MoE layer takes;
+        `gating` is the (first-level) gating network."""
+        experts = self.experts
+        return {
+            "output_dim": experts.output_dim,
+            "hidden_sizes": list(experts.hidden_sizes),
+            "hidden_activation": keras.activations.serialize(
+                experts.hidden_activation
+            ),
+            "autoscale": experts.autoscale,
+            "noisy_gating": gating.noisy_gating,
+            "noise_epsilon": gating.noise_epsilon,
+            "loss_coef": self.loss_coef,
+            "cross_replica_balance": self.cross_replica_balance,
+            "routing_metrics": self.routing_metrics,
+            "gate_initializer": keras.initializers.serialize(
+                gating.kernel_initializer
+            ),
+            "expert_initializer": keras.initializers.serialize(
+                experts.kernel_initializer
+            ),
+        }
 
     def _noise_shapes(self):
         """Trailing shapes of the noise draws, one per gating level."""
@@ -581,23 +621,8 @@ class MixtureOfExperts(_SparseMixtureBase):
         return self.gating.noisy_gating
 
     @property
-    def num_experts(self):
-        return self.gating.num_experts
-
-    @property
-    def input_dim(self):
-        return self.experts.layer_sizes[0]
-
-    @property
     def gating_input_dim(self):
         return self.gating.input_dim
-
-    @property
-    def output_dim(self):
-        return self.experts.layer_sizes[-1]
-
-    def _output_dim_for(self, input_dim):
-        return self.experts.output_dim or input_dim
 
     def _statistics_shape(self):
         return (self.num_experts,)
@@ -684,27 +709,11 @@ class MixtureOfExperts(_SparseMixtureBase):
 
     def get_config(self):
         base_config = super().get_config()
-        gating, experts = self.gating, self.experts
+        gating = self.gating
         config = {
+            **self._shared_config(gating),
             "num_experts": gating.num_experts,
             "k": gating.k,
-            "output_dim": experts.output_dim,
-            "hidden_sizes": list(experts.hidden_sizes),
-            "hidden_activation": keras.activations.serialize(
-                experts.hidden_activation
-            ),
-            "autoscale": experts.autoscale,
-            "noisy_gating": gating.noisy_gating,
-            "noise_epsilon": gating.noise_epsilon,
-            "loss_coef": self.loss_coef,
-            "cross_replica_balance": self.cross_replica_balance,
-            "routing_metrics": self.routing_metrics,
-            "gate_initializer": keras.initializers.serialize(
-                gating.kernel_initializer
-            ),
-            "expert_initializer": keras.initializers.serialize(
-                experts.kernel_initializer
-            ),
             "seed": gating.seed,
             "dispatch": self.dispatch,
             "capacity_factor": self.capacity_factor,
@@ -906,23 +915,8 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
         return self.secondary_gating.num_experts
 
     @property
-    def num_experts(self):
-        return self.experts.num_experts
-
-    @property
-    def input_dim(self):
-        return self.experts.layer_sizes[0]
-
-    @property
     def gating_input_dim(self):
         return self.primary_gating.input_dim
-
-    @property
-    def output_dim(self):
-        return self.experts.layer_sizes[-1]
-
-    def _output_dim_for(self, input_dim):
-        return self.experts.output_dim or input_dim
 
     def _statistics_shape(self):
         return (self.num_groups, self.experts_per_group)
@@ -1028,30 +1022,13 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
 
     def get_config(self):
         base_config = super().get_config()
-        primary, secondary = self.primary_gating, self.secondary_gating
-        experts = self.experts
+        primary = self.primary_gating
         config = {
+            **self._shared_config(primary),
             "num_groups": self.num_groups,
             "experts_per_group": self.experts_per_group,
             "k": primary.k,
-            "group_k": secondary.k,
-            "output_dim": experts.output_dim,
-            "hidden_sizes": list(experts.hidden_sizes),
-            "hidden_activation": keras.activations.serialize(
-                experts.hidden_activation
-            ),
-            "autoscale": experts.autoscale,
-            "noisy_gating": primary.noisy_gating,
-            "noise_epsilon": primary.noise_epsilon,
-            "loss_coef": self.loss_coef,
-            "cross_replica_balance": self.cross_replica_balance,
-            "routing_metrics": self.routing_metrics,
-            "gate_initializer": keras.initializers.serialize(
-                primary.kernel_initializer
-            ),
-            "expert_initializer": keras.initializers.serialize(
-                experts.kernel_initializer
-            ),
+            "group_k": self.secondary_gating.k,
             "seed": self.seed,
         }
         return {**base_config, **config}
