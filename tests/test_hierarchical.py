@@ -185,19 +185,6 @@ def _model():
     return keras.Model(inputs, keras.layers.Dense(2)(h))
 
 
-def test_keras_file_round_trip(tmp_path):
-    model = _model()
-    x = np.random.default_rng(6).normal(size=(5, 4, D)).astype("float32")
-    path = os.path.join(tmp_path, "model.keras")
-    model.save(path)
-    loaded = keras.models.load_model(path, safe_mode=True)
-    np.testing.assert_array_equal(model.predict(x, verbose=0),
-                                  loaded.predict(x, verbose=0))
-    layer = loaded.layers[1]
-    assert isinstance(layer, keras_moe.HierarchicalMixtureOfExperts)
-    assert layer.get_config() == model.layers[1].get_config()
-
-
 def test_saved_model_export(tmp_path):
     model = _model()
     x = np.random.default_rng(7).normal(size=(5, 4, D)).astype("float32")
@@ -206,19 +193,6 @@ def test_saved_model_export(tmp_path):
     reloaded = tf.saved_model.load(path)  # keep it: it owns the variables
     served = reloaded.serve(tf.constant(x))
     assert_close(served, model.predict(x, verbose=0), FORWARD)
-
-
-def test_fit_step_changes_every_weight():
-    model = _model()
-    model.compile("adam", "mse")
-    rng = np.random.default_rng(8)
-    x, y = rng.normal(size=(32, 4, D)), rng.normal(size=(32, 4, 2))
-    before = [w.numpy().copy() for w in model.trainable_weights]
-    model.fit(x, y, batch_size=32, epochs=2, verbose=0)
-    changed = [not np.array_equal(b, w.numpy())
-               for b, w in zip(before, model.trainable_weights)]
-    assert all(changed), [w.path for w, c in
-                          zip(model.trainable_weights, changed) if not c]
 
 
 def test_groups_are_copies_of_the_stacked_weights():
