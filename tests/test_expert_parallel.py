@@ -342,3 +342,22 @@ def test_backup_and_restore_resumes_at_another_replica_count(tmp_path):
         keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False)])
     for a, b in zip(_weights(resumed), want):
         np.testing.assert_array_equal(a, b)
+
+
+def test_without_sharded_experts_the_wrapper_is_the_wrapped_optimizer():
+    x, y = _data()
+    weights = []
+    for wrap in (False, True):
+        model = _model(expert_parallel=False)
+        optimizer = keras.optimizers.Adam(0.01)
+        model.compile(optimizer=ExpertParallelOptimizer(optimizer)
+                      if wrap else optimizer, loss="mse")
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+        weights.append(_weights(model))
+        assert int(optimizer.iterations) == 2
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
+    config = ExpertParallelOptimizer(keras.optimizers.SGD(0.5)).get_config()
+    clone = ExpertParallelOptimizer.from_config(config)
+    assert isinstance(clone.inner_optimizer, keras.optimizers.SGD)
+    assert float(clone.learning_rate) == 0.5
