@@ -180,6 +180,12 @@ class ExpertParallelOptimizer(keras.optimizers.Optimizer):
 
     def apply(self, grads, trainable_variables=None):
         if not self.built:
+            if trainable_variables is None:
+                raise ValueError(
+                    "ExpertParallelOptimizer.apply needs `trainable_variables`"
+                    " before it is built: pass them, or call "
+                    "`optimizer.build(model.trainable_variables)` first."
+                )
             with keras.name_scope(self.name, caller=self):
                 self.build(list(trainable_variables))
         if trainable_variables is None:

@@ -361,3 +361,9 @@ def test_without_sharded_experts_the_wrapper_is_the_wrapped_optimizer():
     clone = ExpertParallelOptimizer.from_config(config)
     assert isinstance(clone.inner_optimizer, keras.optimizers.SGD)
     assert float(clone.learning_rate) == 0.5
+
+
+def test_apply_before_build_needs_the_variables():
+    optimizer = ExpertParallelOptimizer(keras.optimizers.SGD())
+    with pytest.raises(ValueError, match="trainable_variables"):
+        optimizer.apply([tf.ones(())])
