@@ -34,7 +34,8 @@ from keras_moe.expert_parallel_optimizer import ExpertParallelOptimizer
 from keras_moe.experts import FeedForwardExperts
 from keras_moe.gating import NoisyTopKGating
 from keras_moe.introspection import expert_to_gates, expert_to_tokens
-from keras_moe.moe import HierarchicalMixtureOfExperts, MixtureOfExperts
+from keras_moe.hierarchical import HierarchicalMixtureOfExperts
+from keras_moe.moe import MixtureOfExperts
 from keras_moe.sampled_softmax import SampledSoftmaxLoss
 
 from keras_moe import compat  # noqa: E402  (after the layers it loads into)

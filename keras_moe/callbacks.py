@@ -17,7 +17,8 @@ from keras_moe.heatmap import (  # noqa: F401  (public here too)
     _encode_png,
     save_load_heatmap,
 )
-from keras_moe.moe import HierarchicalMixtureOfExperts, MixtureOfExperts
+from keras_moe.hierarchical import HierarchicalMixtureOfExperts
+from keras_moe.moe import MixtureOfExperts
 
 _MOE_CLASSES = (MixtureOfExperts, HierarchicalMixtureOfExperts)
 

@@ -20,7 +20,8 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from keras_moe.moe import HierarchicalMixtureOfExperts, MixtureOfExperts
+from keras_moe.hierarchical import HierarchicalMixtureOfExperts
+from keras_moe.moe import MixtureOfExperts
 
 
 def load_tf1_checkpoint(layer, checkpoint, name):

@@ -95,6 +95,38 @@ def split(value, num_shards):
     return tf.split(value, num_shards, axis=0)
 
 
+def shard_devices(num_experts):
+    """The devices of the strategy in scope when experts are to be sharded
+    over its replicas (more than one), else None."""
+    if not tf.distribute.has_strategy():
+        return None
+    strategy = tf.distribute.get_strategy()
+    num_replicas = strategy.num_replicas_in_sync
+    if num_replicas == 1:
+        return None
+    if not isinstance(strategy, tf.distribute.MirroredStrategy):
+        raise ValueError(
+            "`expert_parallel=True` shards the experts over the replicas "
+            "of a MirroredStrategy (it needs an all-to-all between "
+            "replicas). Received: strategy="
+            f"{type(strategy).__name__} with {num_replicas} replicas"
+        )
+    devices = strategy.extended.worker_devices
+    if len(devices) != num_replicas:
+        raise ValueError(
+            "`expert_parallel=True` supports the replicas of one "
+            f"machine for now. Received: {num_replicas} replicas, "
+            f"{len(devices)} on this worker"
+        )
+    if num_experts % num_replicas:
+        raise ValueError(
+            "`expert_parallel=True` needs `num_experts` divisible by "
+            "the number of replicas. Received: "
+            f"num_experts={num_experts}, replicas={num_replicas}"
+        )
+    return list(devices)
+
+
 def make_sharded_kernel(layer, name, shape, initializer, devices, offset):
     """Adds to `layer` one weight per device in `devices`, the shards of a
     `[num_experts, in, out]` kernel, each expert initialized as the

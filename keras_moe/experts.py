@@ -104,7 +104,9 @@ class FeedForwardExperts(keras.layers.Layer):
         output_dim = self.output_dim or input_dim
         self.layer_sizes = (input_dim, *self.hidden_sizes, output_dim)
         shapes = list(zip(self.layer_sizes[:-1], self.layer_sizes[1:]))
-        devices = self._shard_devices()
+        devices = (
+            expert_shards.shard_devices(self.num_experts)
+            if self.expert_parallel else None)
         if devices:
             self.num_shards = len(devices)
             kernels = [
@@ -131,37 +133,6 @@ class FeedForwardExperts(keras.layers.Layer):
                 for layer, (fan_in, fan_out) in enumerate(shapes)
             ]
         private_hooks.set_checkpointable_list(self, "kernel", kernels)
-
-    def _shard_devices(self):
-        """The replicas' devices when the experts are to be sharded over
-        them, else None."""
-        if not self.expert_parallel or not tf.distribute.has_strategy():
-            return None
-        strategy = tf.distribute.get_strategy()
-        num_replicas = strategy.num_replicas_in_sync
-        if num_replicas == 1:
-            return None
-        if not isinstance(strategy, tf.distribute.MirroredStrategy):
-            raise ValueError(
-                "`expert_parallel=True` shards the experts over the replicas "
-                "of a MirroredStrategy (it needs an all-to-all between "
-                "replicas). Received: strategy="
-                f"{type(strategy).__name__} with {num_replicas} replicas"
-            )
-        devices = strategy.extended.worker_devices
-        if len(devices) != num_replicas:
-            raise ValueError(
-                "`expert_parallel=True` supports the replicas of one "
-                f"machine for now. Received: {num_replicas} replicas, "
-                f"{len(devices)} on this worker"
-            )
-        if self.num_experts % num_replicas:
-            raise ValueError(
-                "`expert_parallel=True` needs `num_experts` divisible by "
-                "the number of replicas. Received: "
-                f"num_experts={self.num_experts}, replicas={num_replicas}"
-            )
-        return list(devices)
 
     @property
     def kernels(self):
