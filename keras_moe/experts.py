@@ -22,18 +22,45 @@ class FeedForwardExperts(keras.layers.Layer):
     whose input size differs from the input's, then the hidden activation
     (not after the last layer).
 
+    With `glu=True` every hidden layer is a gated linear unit (Dauphin et
+    al. 2017, https://arxiv.org/abs/1612.08083; Shazeer 2020,
+    https://arxiv.org/abs/2002.05202): `activation(a @ W_gate) * (a @
+    W_up)`, SwiGLU with `"silu"`, GeGLU with `"gelu"`, as in the experts of
+    Mixtral and Qwen-MoE. A gated layer of size `h` stores its two
+    matrices side by side in one kernel, `kernels[l]` of shape
+    `[num_experts, in_l, 2 * h]`: `kernels[l][i, :, :h]` is expert `i`'s
+    `W_gate`, `kernels[l][i, :, h:]` its `W_up`; the last layer (`W_down`)
+    stays `[num_experts, h, output_dim]`. So `kernels[l]` is still one
+    `[num_experts, in, out]` tensor a layer, and whatever works on it
+    (sharding over replicas, saving, `call_expert`) works unchanged.
+    keras-hub's Mixtral and Qwen-MoE experts, stored as `[E, d, h]` gate and
+    up kernels and an `[E, h, d]` down kernel without biases, load as
+    `kernels[0].assign(np.concatenate([gate, up], axis=-1))` and
+    `kernels[1].assign(down)` (with `autoscale=False`, since keras-hub
+    does not scale). `autoscale` multiplies a layer's matmul output, as
+    the original does, before the activation: for a gated layer both
+    halves, which is the same as scaling that layer's input; with one
+    hidden layer only the last layer is scaled, by `(h / input_dim) **
+    -0.5`, as without `glu`.
+
     Each expert's slice of a kernel is initialized as if it were its own 2-D
     variable (fan-in and fan-out of one expert, a different draw per
-    expert), as the original's separate variables were.
+    expert), as the original's separate variables were; with `glu`, each
+    expert's `W_gate` and `W_up` are drawn as two such `[in, h]`
+    variables.
 
     Args:
         num_experts: int >= 1.
         output_dim: int >= 1, or None for the input's size.
         hidden_sizes: tuple of ints, the hidden layer sizes (empty: one
             linear layer).
-        hidden_activation: activation after each hidden layer.
+        hidden_activation: activation after each hidden layer (with
+            `glu`, of its gate half).
         autoscale: bool, the original's `autoscale`.
         kernel_initializer: initializer of each expert's kernels.
+        glu: bool. When True every hidden layer is a gated linear unit,
+            `hidden_activation(a @ W_gate) * (a @ W_up)`; needs at least
+            one hidden layer.
         expert_parallel: bool. When True and built in the scope of a
             `tf.distribute` strategy of R > 1 replicas (MirroredStrategy),
             replica `r` holds only experts `[r * E / R, (r + 1) * E / R)`,
@@ -71,6 +98,16 @@ class FeedForwardExperts(keras.layers.Layer):
     >>> y = experts(tf.ones([5, 8]), part_sizes=tf.constant([2, 0, 3]))
     >>> y.shape
     TensorShape([5, 4])
+
+    SwiGLU experts, with each hidden kernel holding `W_gate` then `W_up`:
+
+    >>> swiglu = FeedForwardExperts(num_experts=3, output_dim=4,
+    ...                             hidden_sizes=(16,),
+    ...                             hidden_activation="silu", glu=True)
+    >>> swiglu(tf.ones([3, 2, 8])).shape  # one slab of 2 rows per expert
+    TensorShape([3, 2, 4])
+    >>> [tuple(kernel.shape) for kernel in swiglu.kernels]
+    [(3, 8, 32), (3, 16, 4)]
     """
 
     def __init__(
@@ -82,6 +119,7 @@ class FeedForwardExperts(keras.layers.Layer):
         autoscale=True,
         kernel_initializer="glorot_uniform",
         expert_parallel=False,
+        glu=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -97,6 +135,13 @@ class FeedForwardExperts(keras.layers.Layer):
         self.hidden_activation = keras.activations.get(hidden_activation)
         self.autoscale = validation.check_bool("autoscale", autoscale)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.glu = validation.check_bool("glu", glu)
+        if self.glu and not self.hidden_sizes:
+            raise ValueError(
+                "`glu=True` gates the hidden layers, and `hidden_sizes` has "
+                "none: give at least one hidden size, or `glu=False`. "
+                f"Received: glu={glu}, hidden_sizes={hidden_sizes!r}"
+            )
 
     def build(self, input_shape):
         validation.check_input_shape("inputs", input_shape, 2, 3)
@@ -104,6 +149,18 @@ class FeedForwardExperts(keras.layers.Layer):
         output_dim = self.output_dim or input_dim
         self.layer_sizes = (input_dim, *self.hidden_sizes, output_dim)
         shapes = list(zip(self.layer_sizes[:-1], self.layer_sizes[1:]))
+        num_layers = len(shapes)
+        # A gated hidden layer holds W_gate and W_up side by side.
+        shapes = [
+            (fan_in, 2 * fan_out if self._gated(layer) else fan_out)
+            for layer, (fan_in, fan_out) in enumerate(shapes)
+        ]
+        initializers = [
+            _GateAndUpHalves(self.kernel_initializer,
+                             up_offset=num_layers * self.num_experts)
+            if self._gated(layer) else self.kernel_initializer
+            for layer in range(num_layers)
+        ]
         devices = (
             expert_shards.shard_devices(self.num_experts)
             if self.expert_parallel else None)
@@ -113,7 +170,7 @@ class FeedForwardExperts(keras.layers.Layer):
                 expert_shards.make_sharded_kernel(
                     self, f"kernel_{layer}",
                     (self.num_experts, fan_in, fan_out),
-                    self.kernel_initializer, devices,
+                    initializers[layer], devices,
                     offset=layer * self.num_experts,
                 )
                 for layer, (fan_in, fan_out) in enumerate(shapes)
@@ -125,7 +182,7 @@ class FeedForwardExperts(keras.layers.Layer):
                     shape=(self.num_experts, fan_in, fan_out),
                     # Every expert and every layer draws its own values.
                     initializer=initialization.stacked(
-                        self.kernel_initializer,
+                        initializers[layer],
                         self.num_experts,
                         offset=layer * self.num_experts,
                     ),
@@ -275,14 +332,23 @@ class FeedForwardExperts(keras.layers.Layer):
 
     def between_layers(self, layer, z):
         """What follows layer `layer`'s matmul `z`: the original's autoscale
-        and, except after the last layer, the hidden activation (the
+        and, except after the last layer, the hidden activation, or with
+        `glu` the gated linear unit of `z`'s two halves (the
         `between_layers` of `grouped_feed_forward`)."""
         fan_in = self.layer_sizes[layer]
         if self.autoscale and fan_in != self.layer_sizes[0]:
             z *= (fan_in / self.layer_sizes[0]) ** -0.5
+        if self._gated(layer):
+            return grouped_feed_forward.gated_linear_unit(
+                z, self.hidden_activation)
         if layer + 2 < len(self.layer_sizes):
             z = self.hidden_activation(z)
         return z
+
+    def _gated(self, layer):
+        """Whether layer `layer` is a gated linear unit: with `glu`, every
+        layer but the last."""
+        return self.glu and layer < len(self.hidden_sizes)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_dim or input_shape[-1],)
@@ -301,5 +367,45 @@ class FeedForwardExperts(keras.layers.Layer):
                 self.kernel_initializer
             ),
             "expert_parallel": self.expert_parallel,
+            "glu": self.glu,
         }
         return {**base_config, **config}
+
+
+class _GateAndUpHalves(keras.initializers.Initializer):
+    """A gated layer's kernel `[in, 2 * out]` as two matrices `[in, out]`,
+    W_gate then W_up, each drawn by `initializer` as its own variable (one
+    matrix's fans), W_up with the seed `up_offset` further on.
+
+    Its `seed` is the one W_gate is drawn with, so that
+    `initialization.reseeded` (which `initialization.stacked` applies per
+    expert) moves both halves' seeds together.
+    """
+
+    def __init__(self, initializer, up_offset, seed=None):
+        self.initializer = keras.initializers.get(initializer)
+        self.up_offset = up_offset
+        own_seed = getattr(self.initializer, "seed", None)
+        self.seed = own_seed if seed is None else seed
+
+    def __call__(self, shape, dtype=None):
+        *rows, width = shape
+        half = (*rows, width // 2)
+        own_seed = getattr(self.initializer, "seed", None)
+        # Without an integer seed `reseeded` returns the initializer as it
+        # is, which then draws afresh (or is constant) as it would unsplit.
+        offset = (self.seed - own_seed
+                  if isinstance(own_seed, int) and isinstance(self.seed, int)
+                  else 0)
+        gate = initialization.reseeded(self.initializer, offset)
+        up = initialization.reseeded(self.initializer,
+                                     offset + self.up_offset)
+        return tf.concat(
+            [gate(half, dtype=dtype), up(half, dtype=dtype)], axis=-1)
+
+    def get_config(self):
+        return {
+            "initializer": keras.initializers.serialize(self.initializer),
+            "up_offset": self.up_offset,
+            "seed": self.seed,
+        }

@@ -64,8 +64,11 @@ def grouped_feed_forward(x, kernels, part_sizes, between_layers):
         kernels: a list of float tensors `[experts, in_l, out_l]` with a
             static number of experts, the dtype of `x`.
         part_sizes: int tensor `[experts]` summing to `rows`.
-        between_layers: `f(layer, z)`, elementwise and differentiable: what
-            follows the matmul of layer `layer` (scaling, activation).
+        between_layers: `f(layer, z)`, row by row and differentiable: what
+            follows the matmul of layer `layer` (scaling, activation, a
+            `gated_linear_unit`). Each row of its result depends only on
+            the same row of `z`; it may change the width (a gated layer's
+            kernel is twice as wide as the next layer's input).
 
     Returns:
         A tensor `[rows, out]`.
@@ -143,8 +146,11 @@ def slab_feed_forward(x, kernels, between_layers):
         x: a float tensor `[experts, capacity, in]`.
         kernels: a list of float tensors `[experts, in_l, out_l]`, the dtype
             of `x`.
-        between_layers: `f(layer, z)`, elementwise and differentiable: what
-            follows the matmul of layer `layer` (scaling, activation).
+        between_layers: `f(layer, z)`, row by row and differentiable: what
+            follows the matmul of layer `layer` (scaling, activation, a
+            `gated_linear_unit`). Each row of its result depends only on
+            the same row of `z`; it may change the width (a gated layer's
+            kernel is twice as wide as the next layer's input).
 
     Returns:
         A tensor `[experts, capacity, out]`.
@@ -203,6 +209,37 @@ def slab_feed_forward(x, kernels, between_layers):
         between_layers=between_layers,
         layer_backward=layer_backward,
     )
+
+
+def gated_linear_unit(z, activation):
+    """`activation(gate) * up` of the two halves of `z [..., 2 * h]`: a
+    gated linear unit's hidden values from its fused matmul `a @ [W_gate,
+    W_up]` (Dauphin et al. 2017, https://arxiv.org/abs/1612.08083; SwiGLU
+    with `silu`, GeGLU with `gelu`, Shazeer 2020,
+    https://arxiv.org/abs/2002.05202).
+
+    Args:
+        z: a float tensor whose last axis, of even size `2 * h`, holds the
+            gate pre-activations then the up projections.
+        activation: a callable applied to the gate half.
+
+    Returns:
+        A tensor `[..., h]`.
+
+    Example:
+
+    >>> z = tf.constant([[-1.0, 2.0, 3.0, 4.0]])
+    >>> gated_linear_unit(z, tf.nn.relu).numpy().tolist()
+    [[0.0, 8.0]]
+    """
+    width = z.shape[-1]
+    if width is None or width % 2:
+        raise ValueError(
+            "`z` must have an even, static last axis: the gate half, then "
+            f"the up half. Received: z.shape={z.shape}"
+        )
+    gate, up = tf.split(z, 2, axis=-1)
+    return activation(gate) * up
 
 
 def slab_matmul(x, kernel):
