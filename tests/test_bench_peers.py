@@ -1,0 +1,105 @@
+"""The peers benchmark (benchmarks/bench_peers.py) runs in --quick mode and
+reports every case, its ratios and the targets. No time is asserted: the
+numbers of tiny shapes mean nothing.
+
+Model Garden runs where `KERAS_MOE_MODEL_GARDEN_PYTHON` names the Python of
+an environment that has it (benchmarks/README.md); elsewhere (CI) the test
+hands the benchmark this Python, which has no Model Garden, and checks that
+it is skipped with a note."""
+
+import json
+import os
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DIR = os.path.join(REPO_ROOT, "benchmarks")
+
+# The benchmark scripts import each other by name from benchmarks/ (as when
+# they run as scripts): it is on sys.path while the script is imported.
+sys.path.insert(0, BENCH_DIR)
+try:
+    import bench_peers
+    import model_garden_runner
+finally:
+    sys.path.remove(BENCH_DIR)
+
+MODEL_GARDEN_PYTHON = os.environ.get("KERAS_MOE_MODEL_GARDEN_PYTHON")
+# One family (each case is a few traces): the one with more experts and k.
+FAMILY = "qwen3-like"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    # In this process (TensorFlow is imported already, which saves seconds);
+    # Model Garden in its worker process, as always.
+    out = tmp_path_factory.mktemp("bench_peers")
+    python = MODEL_GARDEN_PYTHON or sys.executable
+    assert bench_peers.main([
+        "--quick", "--families", FAMILY, "--json", str(out / "quick.json"),
+        "--markdown", str(out / "quick.md"),
+        "--model-garden-python", python]) == 0
+    with open(out / "quick.json") as f:
+        results = json.load(f)
+    with open(out / "quick.md") as f:
+        return results, f.read()
+
+
+@pytest.mark.parametrize("batches, families", [
+    (bench_peers.BATCHES, bench_peers.FAMILIES),
+    (bench_peers.QUICK_BATCHES, bench_peers.QUICK_FAMILIES),
+])
+def test_model_garden_runs_k_slots_per_token(batches, families):
+    # Its experts-choose router with capacity_factor = k does exactly the
+    # expert work of top-k routing at every shape the benchmark runs.
+    for family in families.values():
+        for mode in bench_peers.MODES:
+            shape = bench_peers.case_shape(family, mode, batches)
+            assert model_garden_runner.expert_slots(
+                shape, shape["k"]) == shape["k"] * shape["tokens"], shape
+
+
+def test_quick_run_reports_every_case(quick_run):
+    results, stdout = quick_run
+    cases = [(c["family"], c["mode"]) for c in results["model_garden"]]
+    assert cases == [(FAMILY, m) for m in bench_peers.MODES]
+    garden = results["meta"]["model_garden"]
+    ran = "versions" in garden
+    if MODEL_GARDEN_PYTHON:
+        assert ran, garden
+    else:
+        assert garden["error"].startswith(
+            "Model Garden not importable with %s: no module named "
+            "'official'" % sys.executable), garden
+        assert "**Model Garden skipped: %s.**" % garden["error"] in stdout
+    for case in results["model_garden"]:
+        assert case["useful_gflop"] > 0, case
+        for method in ("ours_sparse", "ours_capacity"):
+            assert case["times"][method]["median_s"] > 0, (case, method)
+            assert case["useful_gflops_per_s"][method] > 0, (case, method)
+        garden_time = case["times"]["model_garden"]
+        if ran:
+            assert garden_time["median_s"] > 0, case
+            assert case["model_garden_expert_slots"] == (
+                case["shape"]["k"] * case["shape"]["tokens"]), case
+            for method in ("ours_sparse", "ours_capacity"):
+                assert case["vs_model_garden"][method] > 0, (case, method)
+        else:
+            assert garden_time["median_s"] is None, case
+            assert garden_time["error"].startswith("skipped: "), case
+            assert case["vs_model_garden"]["ours_sparse"] is None, case
+        row = "| %s (d %d, h %d, E %d, k %d) | %s | %d |" % (
+            case["family"], case["shape"]["d"], case["shape"]["hidden"],
+            case["shape"]["experts"], case["shape"]["k"], case["mode"],
+            case["shape"]["tokens"])
+        assert row in stdout, row
+    targets = results["targets"]
+    assert len(targets) == len(cases)
+    for target in targets:
+        if ran:
+            assert target["value"] > 0 and target["met"] in (True, False)
+        else:
+            assert target["value"] is None and target["met"] is None
+    for line in ("Machine: ", "Environment: ", "Load average "):
+        assert line in stdout, line
