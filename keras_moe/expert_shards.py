@@ -4,7 +4,7 @@ replica device, that saves and loads as the whole kernel."""
 import numpy as np
 import tensorflow as tf
 
-from keras_moe import initialization, private_hooks
+from keras_moe import initialization, private_hooks, xla
 
 
 class ShardedKernel(tf.__internal__.tracking.Trackable):
@@ -125,6 +125,30 @@ def shard_devices(num_experts):
             f"num_experts={num_experts}, replicas={num_replicas}"
         )
     return list(devices)
+
+
+def replica_kernels(experts, replica_id, training):
+    """The kernels of replica `replica_id`'s experts, in the compute dtype,
+    for a `FeedForwardExperts` layer whose experts are sharded; refuses to
+    train them without `keras_moe.ExpertParallelOptimizer` (a plain
+    optimizer would not update the shards)."""
+    xla.check_not_xla(
+        "Experts sharded over replicas (`expert_parallel=True`)",
+        "Train without `jit_compile=True`, or without `expert_parallel`.",
+    )
+    if training and not getattr(
+            experts.kernels[0], "trained_by_expert_parallel_optimizer",
+            False):
+        raise ValueError(
+            "Experts sharded over replicas (`expert_parallel=True`) "
+            "train only with `keras_moe.ExpertParallelOptimizer("
+            "optimizer)`, built before the first training step "
+            "(`model.fit` builds it; in a custom loop call "
+            "`optimizer.build(model.trainable_variables)` first). "
+            f"Layer: {experts.name}"
+        )
+    return [tf.cast(kernel.shards[replica_id], experts.compute_dtype)
+            for kernel in experts.kernels]
 
 
 def make_sharded_kernel(layer, name, shape, initializer, devices, offset):

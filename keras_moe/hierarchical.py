@@ -4,8 +4,11 @@ hierarchical `DistributedMixtureOfExperts` as a Keras layer."""
 import keras
 import tensorflow as tf
 
-from keras_moe import balance, validation, xla
-from keras_moe.dispatch import SparseDispatcher
+from keras_moe import (
+    all_to_all, balance, capacity, expert_shards, grouped_feed_forward,
+    validation, xla,
+)
+from keras_moe.dispatch import CapacityDispatcher, SparseDispatcher
 from keras_moe.gating import NoisyTopKGating
 from keras_moe.moe import MixtureOfExperts
 from keras_moe.secondary_gating import SecondaryGating
@@ -51,6 +54,24 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             `MixtureOfExperts`, for every group.
         seed: optional int; the primary gating's noise uses `seed` and
             the secondary gatings' `seed + 1`.
+        dispatch: `"sparse"` (exact) or `"capacity"`: each group gets
+            `capacity` slots, `ceil(capacity_factor * tokens * k /
+            num_groups)` within `[min_capacity, tokens]` (with
+            `eval_capacity_factor` in inference); a (token, group) choice
+            past its group's capacity is dropped, in token order, and
+            reported as `dropped_fraction`. Each group's secondary routing
+            is exact.
+        capacity_factor, eval_capacity_factor, min_capacity: as in
+            `MixtureOfExperts`, for the groups.
+        expert_parallel: bool; with `dispatch="capacity"`, built under a
+            `tf.distribute.MirroredStrategy` of R replicas
+            (`num_groups % R == 0`), replica `r` holds whole groups
+            `[r * G / R, (r + 1) * G / R)`, their experts and those
+            experts' optimizer slots; each group's slabs reach its
+            replica by an all-to-all, its secondary routing and experts run
+            there on the tokens of every replica, and the results come
+            back by a second one (the paper's layout). Train with
+            `keras_moe.ExpertParallelOptimizer`. See docs/distributed.md.
         **kwargs: base layer keyword arguments.
 
     Call arguments:
@@ -106,6 +127,11 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
         seed=None,
         cross_replica_balance=True,
         routing_metrics=True,
+        dispatch="sparse",
+        capacity_factor=1.25,
+        eval_capacity_factor=2.0,
+        min_capacity=4,
+        expert_parallel=False,
         **kwargs,
     ):
         super().__init__(
@@ -114,6 +140,31 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             routing_metrics=routing_metrics,
             **kwargs,
         )
+        if dispatch not in ("sparse", "capacity"):
+            raise ValueError(
+                "`dispatch` must be 'sparse' or 'capacity'. "
+                f"Received: dispatch={dispatch!r}"
+            )
+        self.dispatch = dispatch
+        self.capacity_factor = validation.check_positive_float(
+            "capacity_factor", capacity_factor
+        )
+        self.eval_capacity_factor = validation.check_positive_float(
+            "eval_capacity_factor", eval_capacity_factor
+        )
+        self.min_capacity = validation.check_int("min_capacity", min_capacity, 1)
+        expert_parallel = validation.check_bool(
+            "expert_parallel", expert_parallel)
+        if expert_parallel and dispatch != "capacity":
+            raise ValueError(
+                "`expert_parallel=True` needs `dispatch=\"capacity\"`: the "
+                "all-to-all between replicas moves slabs of a static shape. "
+                f"Received: dispatch={dispatch!r}"
+            )
+        if self._drops_tokens() and self.routing_metrics:
+            self._routing_trackers["dropped_fraction"] = keras.metrics.Mean(
+                name=f"{self.name}_dropped_fraction"
+            )
         num_groups = validation.check_int("num_groups", num_groups, 1)
         experts_per_group = validation.check_int(
             "experts_per_group", experts_per_group, 1
@@ -146,7 +197,15 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
         # Expert (i, j) is expert i * experts_per_group + j.
         self.experts = _experts(
             self, num_groups * experts_per_group, output_dim, hidden_sizes,
-            hidden_activation, autoscale, expert_initializer)
+            hidden_activation, autoscale, expert_initializer,
+            expert_parallel=expert_parallel)
+
+    @property
+    def expert_parallel(self):
+        return self.experts.expert_parallel
+
+    def _drops_tokens(self):
+        return self.dispatch == "capacity"
 
     @property
     def groups(self):
@@ -216,6 +275,17 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
         return self.primary_gating.noisy_gating
 
     def _build_sublayers(self, input_dim, gating_dim):
+        num_replicas = (tf.distribute.get_strategy().num_replicas_in_sync
+                        if self.expert_parallel else 1)
+        if self.num_groups % num_replicas:
+            # Whole groups live on a replica: its secondary routing runs
+            # there.
+            raise ValueError(
+                "`expert_parallel=True` puts whole groups on each replica "
+                "and needs `num_groups` divisible by the number of "
+                f"replicas. Received: num_groups={self.num_groups}, "
+                f"replicas={num_replicas}"
+            )
         self.primary_gating.build((None, gating_dim))
         self.secondary_gating.build((None, input_dim))
         self.experts.build((None, input_dim))
@@ -236,6 +306,10 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
         primary_true_load = balance.gates_to_load(primary_gates)
         if multiplier is not None:
             primary_gates *= tf.expand_dims(multiplier, 1)
+        if self.dispatch == "capacity":
+            return self._route_by_capacity(
+                x, primary_gates, primary_smooth_load, primary_true_load,
+                training, secondary_noise)
         # Every group at once (weights stacked over groups), so that the
         # graph does not grow with the number of groups: the routed
         # (token, group) pairs, group by group, are the groups' rows.
@@ -252,29 +326,12 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
         )
         # The secondary gates carry the primary gates.
         group_gates *= tf.expand_dims(primary.nonzero_gates, 1)
-        statistics = {
-            "importance": tf.math.unsorted_segment_sum(
-                group_gates, group_of_row, self.num_groups),
-            "secondary_load": tf.math.unsorted_segment_sum(
-                row_load, group_of_row, self.num_groups),
-            "primary_smooth_load": primary_smooth_load,
-            "primary_true_load": primary_true_load,
-        }
-        # The routed (row, expert) pairs by flat expert index
-        # i * experts_per_group + j, then by row (so by token).
-        routed = tf.cast(tf.where(tf.transpose(group_gates) > 0), tf.int32)
-        expert_in_group, row = tf.unstack(routed, num=2, axis=1)
-        by_group = tf.argsort(tf.gather(group_of_row, row), stable=True)
-        expert_in_group = tf.gather(expert_in_group, by_group)
-        row = tf.gather(row, by_group)
-        expert_index = (tf.gather(group_of_row, row) * self.experts_per_group
-                        + expert_in_group)
+        statistics = self._group_statistics(
+            group_gates, row_load, group_of_row, primary_smooth_load,
+            primary_true_load)
+        expert_index, row, expert_gates, part_sizes = self._routed_pairs(
+            group_gates, group_of_row)
         batch_index = tf.gather(token_of_row, row)
-        expert_gates = tf.gather_nd(
-            group_gates, tf.stack([row, expert_in_group], 1))
-        part_sizes = tf.reshape(tf.math.unsorted_segment_sum(
-            tf.cast(group_gates > 0, tf.int32), group_of_row,
-            self.num_groups), [-1])
         expert_outputs = self.experts(
             tf.cast(tf.gather(x, batch_index), self.compute_dtype), part_sizes
         )
@@ -282,7 +339,44 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             tf.cast(expert_gates, expert_outputs.dtype), 1)
         outputs = tf.math.unsorted_segment_sum(
             weighted, batch_index, tf.shape(x)[0])
+        return self._routed(x, outputs, statistics, expert_index, batch_index,
+                            expert_gates, part_sizes, None)
 
+    def _group_statistics(self, group_gates, row_load, group_of_row,
+                          primary_smooth_load, primary_true_load):
+        """The batch sums the balancing loss is made of, from the routed
+        (token, group) rows: their combined gates `group_gates` and
+        secondary loads `row_load`, `[rows, experts_per_group]`."""
+        return {
+            "importance": tf.math.unsorted_segment_sum(
+                group_gates, group_of_row, self.num_groups),
+            "secondary_load": tf.math.unsorted_segment_sum(
+                row_load, group_of_row, self.num_groups),
+            "primary_smooth_load": primary_smooth_load,
+            "primary_true_load": primary_true_load,
+        }
+
+    def _routed_pairs(self, group_gates, group_of_row):
+        """The routed (row, expert) pairs of rows sorted by group, by flat
+        expert index `i * experts_per_group + j`, then by row: `(expert_index,
+        row, expert_gates, part_sizes)`, `part_sizes` over every expert of
+        every group."""
+        routed = tf.cast(tf.where(tf.transpose(group_gates) > 0), tf.int32)
+        expert_in_group, row = tf.unstack(routed, num=2, axis=1)
+        by_group = tf.argsort(tf.gather(group_of_row, row), stable=True)
+        expert_in_group = tf.gather(expert_in_group, by_group)
+        row = tf.gather(row, by_group)
+        expert_index = (tf.gather(group_of_row, row) * self.experts_per_group
+                        + expert_in_group)
+        expert_gates = tf.gather_nd(
+            group_gates, tf.stack([row, expert_in_group], 1))
+        part_sizes = tf.reshape(tf.math.unsorted_segment_sum(
+            tf.cast(group_gates > 0, tf.int32), group_of_row,
+            self.num_groups), [-1])
+        return expert_index, row, expert_gates, part_sizes
+
+    def _routed(self, x, outputs, statistics, expert_index, batch_index,
+                expert_gates, part_sizes, dropped_fraction):
         def dense_gates():
             return tf.scatter_nd(
                 tf.stack([batch_index, expert_index], 1),
@@ -296,8 +390,154 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             part_sizes=part_sizes,
             pairs=lambda: (expert_index, batch_index, expert_gates),
             gates=dense_gates,
-            dropped_fraction=None,
+            dropped_fraction=dropped_fraction,
         )
+
+    def _route_by_capacity(self, x, primary_gates, primary_smooth_load,
+                           primary_true_load, training, secondary_noise):
+        """The groups' slabs `[num_groups, capacity, d]` (the primary
+        capacity dispatch) are routed and run where their group's experts
+        live (with `expert_parallel`, on the group's replica, which the
+        slabs reach by an all-to-all); the groups' outputs, secondary gates
+        and loads come back the same way, and the statistics and routing
+        report are made here, on the tokens' replica, as the sparse
+        dispatch makes them."""
+        sharded = self.experts.num_shards > 1
+        dispatcher = CapacityDispatcher(
+            self.num_groups, primary_gates, self.primary_gating.k,
+            capacity.slots_per_expert(
+                x,
+                self.capacity_factor if training
+                else self.eval_capacity_factor,
+                self.primary_gating.k, self.num_groups, self.min_capacity,
+                same_on_every_replica=sharded))
+        # The (1-based) token each slot holds; 0: an empty slot.
+        slot_token = tf.cast(dispatcher.dispatch(
+            tf.range(1, tf.shape(x)[0] + 1)[:, None])[:, :, 0], tf.int32)
+        noise_slabs = None
+        if secondary_noise is not None and self._noisy() and bool(training):
+            # Each slot's row of the (token, group) noise.
+            noise_slabs = tf.gather(
+                tf.transpose(tf.cast(secondary_noise, tf.float32), [1, 0, 2]),
+                tf.maximum(slot_token - 1, 0), batch_dims=1)
+        outputs, group_results = self._run_groups(
+            tf.cast(dispatcher.dispatch(x), self.compute_dtype),
+            tf.cast(slot_token > 0, tf.float32), noise_slabs, training)
+        # The used slots, group by group, each in token order: the rows
+        # of the sparse dispatch.
+        used = tf.cast(tf.where(tf.reshape(slot_token, [-1]) > 0)[:, 0],
+                       tf.int32)
+        slot_capacity = tf.shape(slot_token)[1]
+        group_of_row = used // slot_capacity
+        token_of_row = tf.gather(tf.reshape(slot_token, [-1]), used) - 1
+        group_results = tf.gather(
+            tf.reshape(group_results, [-1, 2 * self.experts_per_group]), used)
+        secondary_gates, row_load = tf.split(group_results, 2, axis=1)
+        group_gates = secondary_gates * tf.expand_dims(tf.gather_nd(
+            primary_gates, tf.stack([token_of_row, group_of_row], 1)), 1)
+        statistics = self._group_statistics(
+            group_gates, row_load, group_of_row, primary_smooth_load,
+            primary_true_load)
+        expert_index, row, expert_gates, part_sizes = self._routed_pairs(
+            group_gates, group_of_row)
+        return self._routed(
+            x, dispatcher.combine(outputs), statistics, expert_index,
+            tf.gather(token_of_row, row), expert_gates, part_sizes,
+            dispatcher.dropped_fraction)
+
+    def _run_groups(self, slabs, slot_used, noise_slabs, training):
+        """Each group's secondary routing and experts on its slabs.
+
+        Args:
+            slabs: `[num_groups, capacity, d]`, this replica's tokens for
+                each group.
+            slot_used: float32 `[num_groups, capacity]`, 1 where a slot
+                holds a token.
+            noise_slabs: None, or the secondary noise of each slot,
+                `[num_groups, capacity, experts_per_group]`.
+
+        Returns:
+            `(outputs, group_results)`: the groups' outputs for the slots,
+            `[num_groups, capacity, output_dim]` (not yet weighted by the
+            primary gates), and float32 `[num_groups, capacity,
+            2 * experts_per_group]`, each slot's secondary gates then its
+            secondary load.
+        """
+        num_groups, per_group = self.num_groups, self.experts_per_group
+        num_replicas, replica_id = 1, 0
+        if self.experts.num_shards > 1:
+            num_replicas, replica_id = all_to_all.replica_layout()
+        capacity_here = tf.shape(slabs)[1]
+        groups_here = num_groups // num_replicas
+        small = [slot_used[:, :, None]]
+        if noise_slabs is not None:
+            small.append(noise_slabs)
+        small = tf.concat(small, 2)
+
+        def to_owners(t):
+            # [group, slot, ...] -> the slots of this replica's groups, of
+            # every sending replica: [groups here * senders * slots, ...]
+            t = tf.reshape(t, tf.concat(
+                [[num_replicas, groups_here, capacity_here],
+                 tf.shape(t)[2:]], 0))
+            if num_replicas > 1:
+                t = all_to_all.all_to_all(t)
+            rank = t.shape.rank
+            t = tf.transpose(t, [1, 0, 2] + list(range(3, rank)))
+            return tf.reshape(t, tf.concat([[-1], tf.shape(t)[3:]], 0))
+
+        def from_owners(t):
+            t = tf.reshape(t, tf.concat(
+                [[groups_here, num_replicas, capacity_here],
+                 tf.shape(t)[1:]], 0))
+            rank = t.shape.rank
+            t = tf.transpose(t, [1, 0, 2] + list(range(3, rank)))
+            if num_replicas > 1:
+                t = all_to_all.all_to_all(t)
+            return tf.reshape(t, tf.concat(
+                [[num_groups, capacity_here], tf.shape(t)[3:]], 0))
+
+        rows_x, rows_small = to_owners(slabs), to_owners(small)
+        used = tf.cast(tf.where(rows_small[:, 0] > 0)[:, 0], tf.int32)
+        slots_per_group = num_replicas * capacity_here
+        group_of_row = (used // slots_per_group
+                        + replica_id * groups_here)
+        x = tf.gather(rows_x, used)
+        noise = None
+        if noise_slabs is not None:
+            noise = tf.gather(rows_small[:, 1:], used)
+        group_gates, row_load = self.secondary_gating(
+            x, group_sizes=tf.math.bincount(
+                group_of_row, minlength=num_groups, maxlength=num_groups),
+            training=training, noise=noise,
+        )
+        expert_index, row, expert_gates, part_sizes = self._routed_pairs(
+            group_gates, group_of_row)
+        first_expert = replica_id * groups_here * per_group
+        expert_outputs = self._run_experts(
+            tf.gather(x, row),
+            part_sizes[first_expert:first_expert + groups_here * per_group],
+            replica_id if num_replicas > 1 else None, training)
+        weighted = expert_outputs * tf.expand_dims(
+            tf.cast(expert_gates, expert_outputs.dtype), 1)
+        num_rows = tf.shape(rows_x)[0]
+        outputs = tf.math.unsorted_segment_sum(
+            weighted, tf.gather(used, row), num_rows)
+        group_results = tf.scatter_nd(
+            used[:, None], tf.concat([group_gates, row_load], 1),
+            tf.stack([num_rows, 2 * per_group]))
+        return from_owners(outputs), from_owners(group_results)
+
+    def _run_experts(self, x, part_sizes, replica_id, training):
+        """The experts on rows `x` sorted by expert: all of them,
+        or (`replica_id` not None) replica `replica_id`'s shard of them."""
+        x = tf.cast(x, self.compute_dtype)
+        if replica_id is None:
+            return self.experts(x, part_sizes)
+        kernels = expert_shards.replica_kernels(
+            self.experts, replica_id, training)
+        return grouped_feed_forward.grouped_feed_forward(
+            x, kernels, part_sizes, self.experts.between_layers)
 
     def _balance(self, statistics):
         # The original's rule: each group's load, scaled by how much more
@@ -318,5 +558,10 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             "k": primary.k,
             "group_k": self.secondary_gating.k,
             "seed": self.seed,
+            "dispatch": self.dispatch,
+            "capacity_factor": self.capacity_factor,
+            "eval_capacity_factor": self.eval_capacity_factor,
+            "min_capacity": self.min_capacity,
+            "expert_parallel": self.expert_parallel,
         }
         return {**base_config, **config}

@@ -367,3 +367,105 @@ def test_apply_before_build_needs_the_variables():
     optimizer = ExpertParallelOptimizer(keras.optimizers.SGD())
     with pytest.raises(ValueError, match="trainable_variables"):
         optimizer.apply([tf.ones(())])
+
+
+# The hierarchical layer: whole groups on each replica.
+G, EG = 4, 2
+
+
+def _hierarchical_model(expert_parallel=True, capacity_factor=float(G)):
+    keras.utils.set_random_seed(3)
+    return keras.Sequential([
+        keras.Input((D,)),
+        keras_moe.HierarchicalMixtureOfExperts(
+            G, EG, k=2, group_k=2, hidden_sizes=(5,), noisy_gating=False,
+            dispatch="capacity", capacity_factor=capacity_factor,
+            eval_capacity_factor=float(G),
+            gate_initializer="random_normal",
+            expert_parallel=expert_parallel, name="moe"),
+    ])
+
+
+def _hierarchical_weights(model):
+    moe = model.get_layer("moe")
+    return ([moe.primary_gating.gate_kernel.numpy(),
+             moe.secondary_gating.gate_kernel.numpy()]
+            + [k.numpy() for k in moe.experts.kernels])
+
+
+def _hierarchical_trained(model, batch_size=16):
+    with model.distribute_strategy.scope():
+        model.compile(
+            optimizer=ExpertParallelOptimizer(keras.optimizers.Adam(0.01)),
+            loss="mse")
+    x, y = _data()
+    history = model.fit(x, y, batch_size=batch_size, shuffle=False,
+                        verbose=0)
+    return _hierarchical_weights(model), history.history
+
+
+def test_hierarchical_groups_live_on_their_replica_and_train_as_one_device(
+        tmp_path):
+    # (2 replicas: the test of drops below.)
+    num_replicas = 4
+    # No (token, group) choice dropped, no noise: the replicated layer on
+    # one device.
+    reference = _hierarchical_model(expert_parallel=False)
+    initial = _hierarchical_weights(reference)
+    want, _ = _hierarchical_trained(reference)
+    strategy = mirrored(num_replicas)
+    with strategy.scope():
+        model = _hierarchical_model()
+    experts = model.get_layer("moe").experts
+    per_replica = G * EG // num_replicas
+    for kernel in experts.kernels:
+        # Replica r holds groups [r G / R, (r + 1) G / R): their experts.
+        assert [tf.DeviceSpec.from_string(s.value.device).device_index
+                for s in kernel.shards] == list(range(num_replicas))
+        assert {s.shape[0] for s in kernel.shards} == {per_replica}
+    got, history = _hierarchical_trained(model)
+    _assert_same_steps(got, want, initial, steps=2)
+    assert history["moe_dropped_fraction"] == [0.0]
+    # Saved whole: loads with no strategy and predicts the same.
+    path = str(tmp_path / "sharded.weights.h5")
+    model.save_weights(path)
+    plain = _hierarchical_model(expert_parallel=False)
+    plain.load_weights(path)
+    x, _ = _data(n=8)
+    assert_close(plain.predict(x, verbose=0),
+                 model.predict(x, batch_size=8, verbose=0), FORWARD)
+
+
+def test_hierarchical_drops_are_those_of_the_replicated_layer():
+    # Slots per group and per sending replica, as each replica of the
+    # replicated layer counts them for its own tokens.
+    strategy = mirrored(2)
+    with strategy.scope():
+        reference = _hierarchical_model(expert_parallel=False,
+                                        capacity_factor=0.5)
+        initial = _hierarchical_weights(reference)
+        want, want_history = _hierarchical_trained(reference)
+        model = _hierarchical_model(capacity_factor=0.5)
+        got, history = _hierarchical_trained(model)
+    _assert_same_steps(got, want, initial, steps=2)
+    assert history["moe_dropped_fraction"][0] > 0
+    assert_close(history["moe_dropped_fraction"],
+                 want_history["moe_dropped_fraction"], FORWARD)
+    assert_close(history["moe_load_cv2"], want_history["moe_load_cv2"],
+                 FORWARD)
+
+
+def test_hierarchical_bad_configurations_are_refused():
+    with pytest.raises(ValueError, match="dispatch='sparse'"):
+        keras_moe.HierarchicalMixtureOfExperts(G, EG, expert_parallel=True)
+    with mirrored(4).scope():
+        with pytest.raises(ValueError, match="num_groups=2, replicas=4"):
+            keras_moe.HierarchicalMixtureOfExperts(
+                2, 4, dispatch="capacity",
+                expert_parallel=True).build((None, D))
+    with mirrored(2).scope():
+        model = _hierarchical_model()
+        model.compile(optimizer="adam", loss="mse")
+    x, y = _data()
+    with pytest.raises(ValueError, match="ExpertParallelOptimizer"):
+        model.fit(x, y, batch_size=16, verbose=0)

@@ -210,3 +210,54 @@ def test_groups_are_copies_of_the_stacked_weights():
     groups[0].experts.kernels[0].assign(
         tf.zeros_like(groups[0].experts.kernels[0]))
     np.testing.assert_array_equal(layer.experts.kernels[0], before)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_capacity_dispatch_with_room_for_all_equals_the_sparse_one(training):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(13, D)).astype("float32")
+    # A mask and a multiplier: masked and zeroed tokens take no slot.
+    mask = rng.random(13) > 0.2
+    multiplier = np.where(rng.random(13) > 0.2, 1.5, 0.0).astype("float32")
+    noise = (rng.normal(size=(13, N1)).astype("float32"),
+             rng.normal(size=(13, N1, N2)).astype("float32"))
+    sparse = _layer(k=2, group_k=2, hidden_sizes=(6,))
+    capacity = _layer(k=2, group_k=2, hidden_sizes=(6,),
+                      dispatch="capacity", capacity_factor=float(N1),
+                      eval_capacity_factor=float(N1))
+    capacity.set_weights(sparse.get_weights())
+    results = []
+    for layer in (sparse, capacity):
+        with tf.GradientTape() as tape:
+            y, routing = layer(x, training=training, noise=noise, mask=mask,
+                               gate_multiplier=multiplier,
+                               return_routing=True)
+            loss = tf.reduce_sum(y ** 2) + sum(layer.losses)
+        results.append((y, routing, tape.gradient(
+            loss, layer.trainable_variables)))
+    (y, want, want_grads), (got_y, got, got_grads) = results
+    assert_close(got_y, y, FORWARD)
+    assert float(got["dropped_fraction"]) == 0.0
+    for key in ("gates", "importance", "load", "aux_loss", "expert_gates"):
+        assert_close(got[key], want[key], FORWARD, what=key)
+    for key in ("part_sizes", "expert_index", "token_index"):
+        np.testing.assert_array_equal(got[key], want[key])
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        assert_close(got_grad, want_grad, FORWARD)
+
+
+def test_capacity_dispatch_drops_choices_past_a_groups_slots():
+    # One slot per group: each group takes its first token in token order.
+    layer = _layer(k=1, group_k=1, dispatch="capacity", min_capacity=1,
+                   capacity_factor=1e-3, eval_capacity_factor=1e-3)
+    x = np.random.default_rng(5).normal(size=(9, D)).astype("float32")
+    y, routing = layer(x, return_routing=True)
+    primary, _ = layer.primary_gating(x)
+    group = np.argmax(primary.numpy(), 1)
+    first = {g: int(np.argmax(group == g)) for g in set(group)}
+    kept = sorted(first.values())
+    np.testing.assert_array_equal(np.sort(routing["token_index"]), kept)
+    assert_close(routing["dropped_fraction"], 1 - len(kept) / 9, FORWARD)
+    dropped = np.setdiff1d(np.arange(9), kept)
+    np.testing.assert_array_equal(y.numpy()[dropped], 0.0)
+    assert routing["load"].numpy().sum() == pytest.approx(len(kept))
