@@ -24,24 +24,29 @@ class FeedForwardExperts(keras.layers.Layer):
 
     With `glu=True` every hidden layer is a gated linear unit (Dauphin et
     al. 2017, https://arxiv.org/abs/1612.08083; Shazeer 2020,
-    https://arxiv.org/abs/2002.05202): `activation(a @ W_gate) * (a @
-    W_up)`, SwiGLU with `"silu"`, GeGLU with `"gelu"`, as in the experts of
-    Mixtral and Qwen-MoE. A gated layer of size `h` stores its two
-    matrices side by side in one kernel, `kernels[l]` of shape
-    `[num_experts, in_l, 2 * h]`: `kernels[l][i, :, :h]` is expert `i`'s
-    `W_gate`, `kernels[l][i, :, h:]` its `W_up`; the last layer (`W_down`)
-    stays `[num_experts, h, output_dim]`. So `kernels[l]` is still one
-    `[num_experts, in, out]` tensor a layer, and whatever works on it
-    (sharding over replicas, saving, `call_expert`) works unchanged.
-    keras-hub's Mixtral and Qwen-MoE experts, stored as `[E, d, h]` gate and
-    up kernels and an `[E, h, d]` down kernel without biases, load as
-    `kernels[0].assign(np.concatenate([gate, up], axis=-1))` and
-    `kernels[1].assign(down)` (with `autoscale=False`, since keras-hub
-    does not scale). `autoscale` multiplies a layer's matmul output, as
-    the original does, before the activation: for a gated layer both
-    halves, which is the same as scaling that layer's input; with one
-    hidden layer only the last layer is scaled, by `(h / input_dim) **
-    -0.5`, as without `glu`.
+    https://arxiv.org/abs/2002.05202), `hidden_activation(a @ W_gate) *
+    (a @ W_up)`: SwiGLU with `"silu"`, GeGLU with `"gelu"`, the experts of
+    Mixtral and Qwen-MoE.
+
+    Weight layout with `glu`: a gated layer of size `h` keeps `W_gate` and
+    `W_up` side by side in one kernel, `kernels[l]` of shape
+    `[num_experts, in_l, 2 * h]`; `kernels[l][i, :, :h]` is expert `i`'s
+    `W_gate` and `kernels[l][i, :, h:]` its `W_up`. The last layer
+    (`W_down`) is `[num_experts, h, output_dim]`, as without `glu`. Each
+    layer stays one `[num_experts, in, out]` kernel, so sharding over
+    replicas, saving and `call_expert` work as without `glu`. keras-hub's
+    Mixtral and Qwen-MoE experts (gate and up kernels `[E, d, h]`, a down
+    kernel `[E, h, d]`, no biases) load into `FeedForwardExperts(E, d,
+    hidden_sizes=(h,), hidden_activation="silu", autoscale=False,
+    glu=True)` as `kernels[0].assign(np.concatenate([gate, up], axis=-1))`
+    and `kernels[1].assign(down)`.
+
+    `autoscale` with `glu`: as in the original, the scale multiplies a
+    layer's matmul output before the activation; for a gated layer that
+    is both halves (the same as scaling the layer's input). With one
+    hidden layer, only the last layer is scaled (by `(h / input_dim) **
+    -0.5`), as without `glu`. keras-hub does not scale: load its weights
+    with `autoscale=False`.
 
     Each expert's slice of a kernel is initialized as if it were its own 2-D
     variable (fan-in and fan-out of one expert, a different draw per

@@ -12,6 +12,7 @@ import tensorflow as tf
 from keras_moe import grouped_feed_forward as grouped_module
 from keras_moe import private_hooks
 from keras_moe.grouped_feed_forward import (
+    gated_linear_unit,
     grouped_feed_forward,
     slab_feed_forward,
     slab_matmul,
@@ -93,6 +94,32 @@ def _inputs(part_sizes, sizes, dtype="float32", seed=0):
         for a, b in zip(sizes[:-1], sizes[1:])
     ]
     return x, kernels, tf.constant(part_sizes, tf.int32)
+
+
+# Gated linear units (`FeedForwardExperts(glu=True)`): a `between_layers`
+# that halves the width. Two gated layers, so that the backward pass
+# recomputes a gated layer's output as the next gated layer's input.
+GLU_KERNEL_SHAPES = [(6, 8), (4, 6), (3, 5)]
+
+
+def _glu_between(layer, z):
+    # GeGLU at both hidden layers, the second one autoscaled as
+    # FeedForwardExperts does (both halves), the last layer scaled.
+    if layer == 0:
+        return gated_linear_unit(z, tf.nn.gelu)
+    if layer == 1:
+        return gated_linear_unit(z * 0.7, tf.nn.gelu)
+    return z * 0.5
+
+
+def _glu_inputs(rows_shape, dtype="float32", num_experts=4):
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.normal(size=(*rows_shape, 6)), dtype)
+    kernels = [
+        tf.constant(rng.normal(size=(num_experts, a, b)) * 0.5, dtype)
+        for a, b in GLU_KERNEL_SHAPES
+    ]
+    return x, kernels
 
 
 def _use_loops(monkeypatch):
@@ -345,3 +372,57 @@ def test_former_constant_names_still_read():
     assert (grouped_module.MAX_UNROLLED_GROUPS
             == grouped_module.MAX_UNROLLED_EXPERTS)
     assert grouped_module.GROUPS_PER_STEP == grouped_module.EXPERTS_PER_STEP
+
+
+def test_gated_linear_unit_against_numpy():
+    z = np.random.default_rng(3).normal(size=(2, 3, 8)).astype("float32")
+    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+    assert_close(gated_linear_unit(tf.constant(z), tf.nn.silu),
+                 silu(z[..., :4]) * z[..., 4:], FORWARD)
+    with pytest.raises(ValueError, match=r"z.shape=\(2, 5\)"):
+        gated_linear_unit(tf.zeros([2, 5]), tf.nn.silu)
+
+
+@pytest.mark.parametrize(
+    "small_part_rows", [-1, 1000], ids=["autodiff_forms", "small_forms"]
+)
+def test_glu_matches_autodiff(small_part_rows, graph_form, monkeypatch):
+    # Eager: the graphs' forms are those of test_matches_autodiff.
+    monkeypatch.setattr(grouped_module, "SMALL_PART_ROWS", small_part_rows)
+    part_sizes = tf.constant([3, 0, 5, 1])
+    x, kernels = _glu_inputs([9])
+    _assert_same(
+        lambda x, k: grouped_feed_forward(x, k, part_sizes, _glu_between),
+        lambda x, k: _reference(x, k, part_sizes, _glu_between),
+        x, kernels,
+    )
+
+
+@pytest.mark.parametrize("capacity", [1, 70])
+def test_glu_slabs_match_autodiff(capacity, one_matmul_per_expert):
+    x, kernels = _glu_inputs([4, capacity])
+    _assert_same(
+        lambda x, k: slab_feed_forward(x, k, _glu_between),
+        lambda x, k: _slab_reference(x, k, _glu_between),
+        x, kernels,
+    )
+
+
+def test_glu_float16(one_matmul_per_expert):
+    x, kernels = _glu_inputs([4, 3], "float16")
+    _assert_same(
+        lambda x, k: slab_feed_forward(x, k, _glu_between),
+        lambda x, k: _slab_reference(x, k, _glu_between),
+        x, kernels, depth_factor=FLOAT16_DEPTH_FACTOR,
+    )
+
+
+def test_glu_slabs_compile_with_xla():
+    # The forward only: the backward's batched forms are those compared
+    # above, and compiling them takes seconds.
+    x, kernels = _glu_inputs([4, 3])
+    compiled = tf.function(
+        lambda x, k: slab_feed_forward(x, k, _glu_between), jit_compile=True)
+    assert_close(compiled(x, kernels), _slab_reference(x, kernels,
+                                                       _glu_between),
+                 FORWARD)
