@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Peers side by side (issue 16, point 6): keras_moe's MixtureOfExperts
-against TF Model Garden's MoeLayer at equal useful FLOPs, and keras-hub's
-dense MoE block against its sparsified form, in one run.
+"""Peers side by side (issue 16, point 6), in one run: keras_moe's
+MixtureOfExperts against TF Model Garden's MoeLayer at equal useful FLOPs,
+and keras-hub's dense MoE block against its sparsified form.
 
 Shapes (scaled down for a CPU; the families keep the models' expert counts,
 k and hidden/d ratios):
@@ -31,23 +31,36 @@ exactly the expert work of a top-k layer. Compared with it:
   ours_capacity  the same with dispatch="capacity" (capacity factor 1.25 in
                  training, 2.0 in inference)
 All three run relu experts on the same kernels (Model Garden's have
-biases, zero). Useful FLOPs (the same for all three, so the ratio of times
-is the ratio per useful FLOP): the expert matmuls of tokens * k, forward
-4 * tokens * k * d * h, a training step 2.5 times that (each forward GEMM
-has a weight-gradient GEMM, the second layer an input-gradient one).
+biases, zero). Ratio: a method's time / Model Garden's time in the same
+case; the useful FLOPs being equal, it is the ratio per useful FLOP.
 
-Ratios: a method's time / Model Garden's time (same case); below 1 is
-ahead. Targets (printed, not asserted): the best of ours below 1 in every
-case.
+keras-hub: a one-layer MixtralBackbone (mixtral-like) or Qwen3MoeBackbone
+(qwen3-like, norm_top_k_prob=True) of the family's sizes; its MoE block
+(softmax router, top k, SwiGLU experts, every expert run on every token)
+is timed, then `keras_moe.integrations.keras_hub.sparsify` converts the
+backbone and the block that replaced it (the same weights, each token run
+by its k experts only) is timed against the first, round-robin. Ratio:
+sparsified / dense; all experts against k of them would be k / E.
+
+Useful FLOPs: the expert matmuls of tokens * k: forward 2 * tokens * k *
+d * h per matrix (2 matrices, 3 with SwiGLU); a training step adds a
+weight-gradient GEMM per matrix and an input-gradient GEMM for the output
+matrix (2.5 times the forward; 7/3 with SwiGLU).
+
+Targets (printed, not asserted): the best of ours below Model Garden in
+every case; sparsified / dense at most 0.5 at mixtral-like and 0.2 at
+qwen3-like shapes, training and serving.
 
 Usage:
   python benchmarks/bench_peers.py [--quick] [--json PATH] [--markdown PATH]
       [--model-garden-python /work/venvs/modelgarden/bin/python]
-      [--families mixtral-like,qwen3-like]
+      [--families mixtral-like,qwen3-like] [--modes train_step,serve_fwd]
+      [--peers model-garden,keras-hub]
 
 Without --model-garden-python (or when Model Garden does not import with
-it) its column is skipped with a printed note. Progress goes to stderr, the
-JSON to --json, the markdown tables to stdout (and --markdown).
+it) its column is skipped with a printed note, and so is the keras-hub half
+without keras-hub. Progress goes to stderr, the JSON to --json, the
+markdown tables to stdout (and --markdown).
 """
 
 import argparse
@@ -67,8 +80,9 @@ from configs import (  # noqa: E402
 from machine import (  # noqa: E402
     REPO_ROOT, environment_info, git_revision, load_average, machine_info)
 from model_garden_runner import ModelGardenClient  # noqa: E402
+from peers_report import markdown, targets  # noqa: E402
 from progress import log  # noqa: E402
-from report import fmt_r, fmt_s  # noqa: E402
+from report import fmt_s  # noqa: E402
 from timing import Runnable, measure  # noqa: E402
 
 if REPO_ROOT not in sys.path:
@@ -91,10 +105,15 @@ MODES = ("train_step", "serve_fwd")
 # token.
 BATCHES = {"train_step": (4, 256), "serve_fwd": (8, 32)}
 QUICK_BATCHES = {"train_step": (2, 16), "serve_fwd": (2, 16)}
-MODEL_GARDEN_METHODS = ("ours_sparse", "ours_capacity", "model_garden")
+PEERS = ("model-garden", "keras-hub")
 QUICK_TIMING = dict(QUICK_PLAN, warmup=1, min_sample_s=0.005, budget_s=0.05,
                     min_reps=2, max_reps=3)
 LEARNING_RATE = 1e-3
+# family: keras-hub backbone, the decoder layer's attribute holding its MoE
+# block (where sparsify puts the sparse one).
+KERAS_HUB_BLOCKS = {"mixtral-like": ("MixtralBackbone", "_sparse_moe_block"),
+                    "qwen3-like": ("Qwen3MoeBackbone", "mlp")}
+KERAS_HUB_VOCABULARY = 64
 
 
 def case_shape(family, mode, batches):
@@ -102,20 +121,29 @@ def case_shape(family, mode, batches):
     return dict(family, batch=sequences, seq=seq, tokens=sequences * seq)
 
 
-def useful_gflop(shape, mode):
+def useful_gflop(shape, mode, glu=False):
     """The expert matmul FLOPs of tokens * k, in GFLOP."""
-    flops = 4.0 * shape["tokens"] * shape["k"] * shape["d"] * shape["hidden"]
-    return flops * (2.5 if mode == "train_step" else 1.0) / 1e9
+    matrices = 3 if glu else 2
+    forward = 2.0 * matrices * shape["tokens"] * shape["k"] * shape["d"] * (
+        shape["hidden"])
+    if mode == "train_step":
+        return forward * (2 * matrices + 1) / matrices / 1e9
+    return forward / 1e9
 
 
 def step_functions(layer, mode):
-    """`tf.function(x)` of one mode for a Keras 3 layer: the training step
-    (forward, backward, SGD) or the inference forward."""
+    """`tf.function(x)` of one mode for a Keras 3 layer (for a keras-hub
+    block, which returns `(outputs, router_logits)`, of its outputs): the
+    training step (forward, backward, SGD) or the inference forward."""
     import keras
     import tensorflow as tf
 
+    def outputs(x, training):
+        y = layer(x, training=training)
+        return y[0] if isinstance(y, tuple) else y
+
     if mode == "serve_fwd":
-        return tf.function(lambda x: layer(x, training=False))
+        return tf.function(lambda x: outputs(x, False))
     optimizer = keras.optimizers.SGD(LEARNING_RATE)
     weights = layer.trainable_variables
     optimizer.build(weights)
@@ -123,12 +151,26 @@ def step_functions(layer, mode):
     @tf.function
     def train_step(x):
         with tf.GradientTape() as tape:
-            y = layer(x, training=True)
-            loss = tf.reduce_mean(tf.square(y)) + tf.add_n(layer.losses)
+            y = outputs(x, True)
+            loss = tf.reduce_mean(tf.square(y)) + sum(layer.losses)
         optimizer.apply(tape.gradient(loss, weights), weights)
         return loss
 
     return train_step
+
+
+def trace(runnables):
+    """Calls each runnable once (the trace); {method: seconds}."""
+    seconds = {}
+    for r in runnables:
+        start = time.perf_counter()
+        r.call(1)
+        seconds[r.method] = time.perf_counter() - start
+    return seconds
+
+
+def ratio(a, b):
+    return a / b if a and b else None
 
 
 def run_model_garden_case(name, family, mode, batches, plan, client):
@@ -157,11 +199,7 @@ def run_model_garden_case(name, family, mode, batches, plan, client):
     garden = client is not None and client.error is None and (
         client.send(op="build", key=key, shape=shape, seed=seed,
                     capacity_factor=shape["k"]) is None)
-    out["trace_s"] = {}
-    for r in runnables:
-        start = time.perf_counter()
-        r.call(1)
-        out["trace_s"][r.method] = time.perf_counter() - start
+    out["trace_s"] = trace(runnables)
     garden_runnable = Runnable("model_garden", mode, client=client, key=key)
     if garden and client.ready():
         res = client.receive()
@@ -184,92 +222,112 @@ def run_model_garden_case(name, family, mode, batches, plan, client):
     med = {m: t["median_s"] for m, t in out["times"].items()}
     out["useful_gflops_per_s"] = {
         m: (out["useful_gflop"] / t if t else None) for m, t in med.items()}
-    out["vs_model_garden"] = {
-        m: (med[m] / med["model_garden"]
-            if med[m] and med["model_garden"] else None) for m in med}
+    out["vs_model_garden"] = {m: ratio(med[m], med["model_garden"])
+                              for m in med}
     return out
 
 
-def model_garden_targets(cases):
-    rows = []
-    for case in cases:
-        ours = {m: case["vs_model_garden"][m]
-                for m in ("ours_sparse", "ours_capacity")
-                if case["vs_model_garden"][m] is not None}
-        best = min(ours, key=ours.get) if ours else None
-        value = ours.get(best)
-        rows.append({
-            "target": "ours / Model Garden per useful FLOP, %s, %s" % (
-                case["family"], case["mode"]),
-            "value": value, "limit": 1.0,
-            "met": None if value is None else bool(value < 1.0),
-            "note": "best: %s" % best if best else "Model Garden skipped"})
-    return rows
+def build_keras_hub_blocks(name, family, seed):
+    """keras-hub's MoE block of a one-layer backbone of the family's sizes,
+    and the block `sparsify` put in its place. Returns (dense, sparsified,
+    backbone class name)."""
+    import keras
+    import keras_hub
+
+    from keras_moe.integrations.keras_hub import sparsify
+
+    backbone_name, attribute = KERAS_HUB_BLOCKS[name]
+    d = family["d"]
+    heads = max(2, d // 64)  # head_dim 64, as both models
+    sizes = dict(vocabulary_size=KERAS_HUB_VOCABULARY, num_layers=1,
+                 num_query_heads=heads, num_key_value_heads=max(1, heads // 4),
+                 hidden_dim=d, intermediate_dim=family["hidden"],
+                 num_experts=family["experts"], top_k=family["k"])
+    if backbone_name == "Qwen3MoeBackbone":
+        sizes.update(moe_intermediate_dim=family["hidden"],
+                     norm_top_k_prob=True, head_dim=d // heads)
+    keras.utils.set_random_seed(seed)
+    backbone = getattr(keras_hub.models, backbone_name)(**sizes)
+    decoder = backbone.transformer_layers[0]
+    dense = getattr(decoder, attribute)
+    sparsify(backbone)
+    sparsified = getattr(decoder, attribute)
+    if sparsified is dense:
+        raise RuntimeError("sparsify left %s.%s in place" % (
+            type(decoder).__name__, attribute))
+    return dense, sparsified, backbone_name
 
 
-def markdown(results):
-    meta = results["meta"]
-    m = meta["machine"]
-    lines = []
-    a = lines.append
-    a("# Peers%s" % (" (--quick: tiny shapes)" if meta["quick"] else ""))
-    a("")
-    threads = meta["threads"]
-    a("Machine: %s CPUs (%s), %s GiB; TensorFlow %s, Keras %s, keras_moe %s "
-      "(%s); %s; started %s." % (
-          m.get("nproc"), m.get("cpu_model", "?"), m.get("mem_total_gib"),
-          meta["tensorflow"], meta["keras"], meta["keras_moe"],
-          meta.get("git") or "no git",
-          "%d intra-op / %d inter-op threads" % (threads, threads)
-          if threads else "TensorFlow's default threads", meta["started"]))
-    a("Load average (1, 5, 15 min) before %s, after %s; wall %.0f s." % tuple(
-        ["/".join("%.2f" % v for v in (meta[k] or ()))
-         for k in ("load_before", "load_after")] + [meta["wall_s"]]))
-    env = meta["environment"]
-    a("Environment: %s." % (", ".join("`%s=%s`" % kv for kv in sorted(
-        env.items())) or "TensorFlow's defaults"))
-    garden = meta["model_garden"]
-    if garden.get("versions"):
-        a("Model Garden: tf-models-official %(tf_models_official)s on "
-          "tf_keras %(tf_keras)s (TensorFlow %(tensorflow)s), " % garden[
-              "versions"] + "`%s`." % garden["python"])
+def run_keras_hub_case(name, mode, shape, blocks, plan):
+    """Times keras-hub's dense block against the sparsified one on one
+    (family, mode); `blocks` is build_keras_hub_blocks' result, or an
+    error message."""
+    import numpy as np
+    import tensorflow as tf
+
+    out = {"family": name, "mode": mode, "shape": shape,
+           "useful_gflop": useful_gflop(shape, mode, glu=True),
+           "ideal_ratio": shape["k"] / shape["experts"]}
+    methods = ("dense_block", "sparsified")
+    if isinstance(blocks, str):
+        out["times"] = {m: Runnable(m, mode).result() for m in methods}
+        for t in out["times"].values():
+            t["error"] = "skipped: " + blocks
+        out["useful_gflops_per_s"] = dict.fromkeys(methods)
+        out["sparsified_vs_dense"] = out["max_rel_diff"] = None
+        return out
+    rng = np.random.default_rng(config_seed("keras-hub/%s/%s" % (name,
+                                                                 mode)))
+    x = tf.constant(rng.standard_normal(
+        (shape["batch"], shape["seq"], shape["d"]), dtype=np.float32))
+    dense, sparsified = blocks[:2]
+    y_dense = dense(x, training=False)[0].numpy()
+    y_sparse = sparsified(x, training=False)[0].numpy()
+    out["max_rel_diff"] = float(np.abs(y_sparse - y_dense).max()
+                                / np.abs(y_dense).max())
+    runnables = [Runnable(method, mode, step_functions(block, mode), (x,))
+                 for method, block in zip(methods, (dense, sparsified))]
+    out["trace_s"] = trace(runnables)
+    measure(runnables, plan)
+    out["times"] = {r.method: r.result() for r in runnables}
+    med = {m: t["median_s"] for m, t in out["times"].items()}
+    out["useful_gflops_per_s"] = {
+        m: (out["useful_gflop"] / t if t else None) for m, t in med.items()}
+    out["sparsified_vs_dense"] = ratio(med["sparsified"], med["dense_block"])
+    return out
+
+
+def run_keras_hub(families, selected, modes, batches, plan, meta):
+    """The keras-hub half: the selected families and modes."""
+    cases = []
+    hub = meta["keras_hub"]
+    try:
+        import keras_hub
+    except ImportError as e:
+        keras_hub = None
+        hub["error"] = "keras-hub not importable: %s" % e
+        log("keras-hub skipped: %s" % hub["error"])
     else:
-        a("")
-        a("**Model Garden skipped: %s.**" % garden["error"])
-    a("")
-    a("## keras_moe against Model Garden's MoeLayer (equal useful FLOPs)")
-    a("")
-    a("Time per call (median); in brackets useful GFLOP/s; ÷MG = time / "
-      "Model Garden's time.")
-    a("")
-    a("| shape | mode | tokens | useful GFLOP | ours_sparse | ÷MG "
-      "| ours_capacity | ÷MG | model_garden |")
-    a("|---|---|---|---|---|---|---|---|---|")
-    for case in results["model_garden"]:
-        s = case["shape"]
-        cells = []
-        for method in MODEL_GARDEN_METHODS:
-            t = case["times"][method]
-            cell = (fmt_s(t["median_s"]) + " (%.1f)" % case[
-                "useful_gflops_per_s"][method]) if t["median_s"] else (
-                t.get("error", "—").split(":")[0])
-            cells.append(cell)
-            if method != "model_garden":
-                cells.append(fmt_r(case["vs_model_garden"][method]))
-        a("| %s (d %d, h %d, E %d, k %d) | %s | %d | %.3g | %s |" % (
-            case["family"], s["d"], s["hidden"], s["experts"], s["k"],
-            case["mode"], s["tokens"], case["useful_gflop"],
-            " | ".join(cells)))
-    a("")
-    a("## Targets (issue 16; information, not assertions)")
-    a("")
-    a("| target | value | limit | met |")
-    a("|---|---|---|---|")
-    for t in results["targets"]:
-        a("| %s (%s) | %s | < %s | %s |" % (
-            t["target"], t["note"], fmt_r(t["value"]), t["limit"],
-            "—" if t["met"] is None else ("yes" if t["met"] else "no")))
-    return "\n".join(lines) + "\n"
+        hub["version"] = keras_hub.__version__
+    for name in selected:
+        blocks = hub.get("error")
+        if keras_hub is not None:
+            try:
+                blocks = build_keras_hub_blocks(
+                    name, families[name], config_seed("keras-hub/" + name))
+                hub["backbones"].append(blocks[2])
+            except Exception as e:  # reported, the benchmark goes on
+                blocks = "%s: %s" % (type(e).__name__, e)
+                hub.setdefault("failed", {})[name] = blocks
+                log("  keras-hub %s failed: %s" % (name, blocks))
+        for mode in modes:
+            case = run_keras_hub_case(name, mode, case_shape(
+                families[name], mode, batches), blocks, plan)
+            cases.append(case)
+            log("keras-hub %s %s: %s" % (name, mode, ", ".join(
+                "%s %s" % (m, fmt_s(t["median_s"]))
+                for m, t in case["times"].items())))
+    return cases
 
 
 def set_threads(tf):
@@ -297,18 +355,27 @@ def parse_args(argv=None):
     p.add_argument("--families", default=None,
                    help="comma-separated subset of: %s (default: all)"
                         % ", ".join(FAMILIES))
+    p.add_argument("--modes", default=None,
+                   help="comma-separated subset of: %s (default: both)"
+                        % ", ".join(MODES))
+    p.add_argument("--peers", default=None,
+                   help="comma-separated subset of: %s (default: both)"
+                        % ", ".join(PEERS))
     p.add_argument("--json", default=None, help="write the JSON here")
     p.add_argument("--markdown", default=None,
                    help="also write the markdown tables here")
     args = p.parse_args(argv)
-    args.families = (list(FAMILIES) if args.families is None else
-                     [f.strip() for f in args.families.split(",")
-                      if f.strip()])
-    unknown = [f for f in args.families if f not in FAMILIES]
-    if unknown or not args.families:
-        p.error("--families takes a comma-separated subset of %s. "
-                "Received: --families=%s" % (", ".join(FAMILIES),
-                                             ",".join(unknown)))
+    for option, known in (("families", FAMILIES), ("modes", MODES),
+                          ("peers", PEERS)):
+        chosen = getattr(args, option)
+        chosen = list(known) if chosen is None else [
+            c.strip() for c in chosen.split(",") if c.strip()]
+        setattr(args, option, chosen)
+        unknown = [c for c in chosen if c not in known]
+        if unknown or not chosen:
+            p.error("--%s takes a comma-separated subset of %s. Received: "
+                    "--%s=%s" % (option, ", ".join(known), option,
+                                 ",".join(chosen)))
     return args
 
 
@@ -317,7 +384,7 @@ def main(argv=None):
     start = time.time()
     load_before = load_average()
     client = None
-    if args.model_garden_python:
+    if args.model_garden_python and "model-garden" in args.peers:
         # Started first: its imports overlap ours.
         client = ModelGardenClient(args.model_garden_python, THREADS)
     import keras
@@ -335,31 +402,36 @@ def main(argv=None):
             "keras_moe": keras_moe.__version__, "git": git_revision(),
             "machine": machine_info(), "environment": environment_info(),
             "load_before": load_before, "model_garden": garden,
+            "keras_hub": {"backbones": []},
             "argv": sys.argv[1:] if argv is None else list(argv),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    results = {"meta": meta, "model_garden": []}
-    try:
-        for name in args.families:
-            family = families[name]
-            for mode in MODES:
-                case = run_model_garden_case(name, family, mode, batches,
-                                             plan, client)
-                results["model_garden"].append(case)
-                log("%s %s: %s" % (name, mode, ", ".join(
-                    "%s %s" % (m, fmt_s(t["median_s"]))
-                    for m, t in case["times"].items())))
-    finally:
-        if client is not None:
-            client.close()
-    if client is None:
-        garden["error"] = "no --model-garden-python given"
-    elif client.versions is not None:
-        garden["versions"] = client.versions
-    else:
-        garden["error"] = client.error
-    if "error" in garden:
-        log("Model Garden skipped: %s" % garden["error"])
-    results["targets"] = model_garden_targets(results["model_garden"])
+    results = {"meta": meta}
+    if "model-garden" in args.peers:
+        results["model_garden"] = []
+        try:
+            for name in args.families:
+                for mode in args.modes:
+                    case = run_model_garden_case(
+                        name, families[name], mode, batches, plan, client)
+                    results["model_garden"].append(case)
+                    log("%s %s: %s" % (name, mode, ", ".join(
+                        "%s %s" % (m, fmt_s(t["median_s"]))
+                        for m, t in case["times"].items())))
+        finally:
+            if client is not None:
+                client.close()
+        if client is None:
+            garden["error"] = "no --model-garden-python given"
+        elif client.versions is not None:
+            garden["versions"] = client.versions
+        else:
+            garden["error"] = client.error
+        if "error" in garden:
+            log("Model Garden skipped: %s" % garden["error"])
+    if "keras-hub" in args.peers:
+        results["keras_hub"] = run_keras_hub(
+            families, args.families, args.modes, batches, plan, meta)
+    results["targets"] = targets(results)
     meta["load_after"] = load_average()
     meta["wall_s"] = time.time() - start
     if args.json:

@@ -7,6 +7,7 @@ an environment that has it (benchmarks/README.md); elsewhere (CI) the test
 hands the benchmark this Python, which has no Model Garden, and checks that
 it is skipped with a note."""
 
+import importlib.util
 import json
 import os
 import sys
@@ -26,8 +27,10 @@ finally:
     sys.path.remove(BENCH_DIR)
 
 MODEL_GARDEN_PYTHON = os.environ.get("KERAS_MOE_MODEL_GARDEN_PYTHON")
-# One family (each case is a few traces): the one with more experts and k.
+# One case of each peer (each is a few traces, seconds): the family with
+# more experts and k, the training step (forward, backward and update).
 FAMILY = "qwen3-like"
+MODE = "train_step"
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,8 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_peers")
     python = MODEL_GARDEN_PYTHON or sys.executable
     assert bench_peers.main([
-        "--quick", "--families", FAMILY, "--json", str(out / "quick.json"),
+        "--quick", "--families", FAMILY, "--modes", MODE,
+        "--json", str(out / "quick.json"),
         "--markdown", str(out / "quick.md"),
         "--model-garden-python", python]) == 0
     with open(out / "quick.json") as f:
@@ -63,7 +67,7 @@ def test_model_garden_runs_k_slots_per_token(batches, families):
 def test_quick_run_reports_every_case(quick_run):
     results, stdout = quick_run
     cases = [(c["family"], c["mode"]) for c in results["model_garden"]]
-    assert cases == [(FAMILY, m) for m in bench_peers.MODES]
+    assert cases == [(FAMILY, MODE)]
     garden = results["meta"]["model_garden"]
     ran = "versions" in garden
     if MODEL_GARDEN_PYTHON:
@@ -94,7 +98,8 @@ def test_quick_run_reports_every_case(quick_run):
             case["shape"]["experts"], case["shape"]["k"], case["mode"],
             case["shape"]["tokens"])
         assert row in stdout, row
-    targets = results["targets"]
+    targets = [t for t in results["targets"]
+               if t["target"].startswith("ours / Model Garden")]
     assert len(targets) == len(cases)
     for target in targets:
         if ran:
@@ -103,3 +108,50 @@ def test_quick_run_reports_every_case(quick_run):
             assert target["value"] is None and target["met"] is None
     for line in ("Machine: ", "Environment: ", "Load average "):
         assert line in stdout, line
+
+
+def test_quick_run_reports_the_keras_hub_cases(quick_run):
+    results, stdout = quick_run
+    cases = results["keras_hub"]
+    assert [(c["family"], c["mode"]) for c in cases] == [(FAMILY, MODE)]
+    hub = results["meta"]["keras_hub"]
+    ran = not hub.get("error") and not hub.get("failed")
+    if importlib.util.find_spec("keras_hub") is None:
+        assert hub["error"].startswith("keras-hub not importable: "), hub
+        assert "**keras-hub skipped: %s.**" % hub["error"] in stdout
+    elif importlib.util.find_spec("keras_moe.integrations") is not None:
+        assert ran, hub
+        assert hub["backbones"] == ["Qwen3MoeBackbone"]
+    targets = {t["target"]: t for t in results["targets"]}
+    for case in cases:
+        s = case["shape"]
+        assert case["ideal_ratio"] == s["k"] / s["experts"]
+        target = targets["keras-hub sparsified / dense block, %s, %s" % (
+            FAMILY, case["mode"])]
+        assert target["limit"] == 0.2
+        if ran:
+            # The sparsified block computes the dense block's function.
+            assert case["max_rel_diff"] < 1e-4, case
+            for method in ("dense_block", "sparsified"):
+                assert case["times"][method]["median_s"] > 0, (case, method)
+            assert case["sparsified_vs_dense"] > 0, case
+            assert target["value"] == case["sparsified_vs_dense"]
+            assert target["met"] in (True, False)
+        else:
+            assert case["sparsified_vs_dense"] is None, case
+            assert target["met"] is None, target
+            for method in ("dense_block", "sparsified"):
+                assert case["times"][method]["error"].startswith(
+                    "skipped: "), case
+        assert ("| %s (d %d, h %d, E %d, k %d) | %s | %d |" % (
+            FAMILY, s["d"], s["hidden"], s["experts"], s["k"], case["mode"],
+            s["tokens"])) in stdout
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--families", "mixtral-like,llama"), ("--modes", "train"),
+    ("--peers", "")])
+def test_unknown_subsets_are_refused(option, value, capsys):
+    with pytest.raises(SystemExit):
+        bench_peers.parse_args([option, value])
+    assert "Received: %s=%s" % (option, value) in capsys.readouterr().err
