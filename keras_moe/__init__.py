@@ -27,7 +27,9 @@ import keras as _keras  # noqa: E402
 
 _require_tensorflow_backend(_keras.backend.backend())
 
-from keras_moe.balance import cv_squared, gates_to_load, max_overload
+from keras_moe.balance import (
+    cv_squared, gates_to_load, max_overload, router_z_loss, switch_loss,
+)
 from keras_moe.dispatch import CapacityDispatcher, SparseDispatcher
 from keras_moe.embedding import ShardedEmbedding
 from keras_moe.expert_parallel_optimizer import ExpertParallelOptimizer
@@ -38,6 +40,7 @@ from keras_moe.hierarchical import HierarchicalMixtureOfExperts
 from keras_moe.moe import MixtureOfExperts
 from keras_moe.sampled_softmax import SampledSoftmaxLoss
 
+from keras_moe import routers  # noqa: E402
 from keras_moe import compat  # noqa: E402  (after the layers it loads into)
 from keras_moe import callbacks  # noqa: E402
 
@@ -56,8 +59,11 @@ __all__ = [
     "cv_squared",
     "max_overload",
     "gates_to_load",
+    "switch_loss",
+    "router_z_loss",
     "expert_to_tokens",
     "expert_to_gates",
+    "routers",
     "compat",
     "callbacks",
 ]

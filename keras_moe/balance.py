@@ -1,5 +1,7 @@
 """Load-balancing statistics: the original's `CVSquared`, `MaxOverload` and
-`_GatesToLoad`, computed in float32."""
+`_GatesToLoad`, and the losses of today's routers (the Switch
+Transformer's balancing loss, ST-MoE's router z-loss), computed in
+float32."""
 
 import tensorflow as tf
 
@@ -91,6 +93,77 @@ def gates_to_load(gates):
             f"Received: gates.shape={gates.shape}"
         )
     return tf.reduce_sum(tf.cast(gates > 0, tf.float32), 0)
+
+
+def switch_loss(load, mean_probability):
+    """The balancing loss of the Switch Transformer, `E * sum_i f_i * P_i`.
+
+    From Fedus et al. (2021), "Switch Transformers"
+    (https://arxiv.org/abs/2101.03961), equation (4), as Mixtral and
+    Qwen-MoE use it with top-k routing: `f_i` is the fraction of the routed
+    (token, expert) pairs that went to expert `i` (`load / sum(load)`; with
+    top-k, the count over `k * tokens`), `P_i` the mean router probability
+    of expert `i`. It is 1 when both are uniform, up to `E` when one expert
+    takes everything; its gradient flows through `P` only. 0 when nothing
+    was routed.
+
+    Args:
+        load: a real tensor `[num_experts]`, the routed pairs per expert
+            (any scale: only the fractions count).
+        mean_probability: a real tensor `[num_experts]`, the mean router
+            probability of each expert over the tokens.
+
+    Returns:
+        A float32 scalar.
+
+    Example:
+
+    >>> float(switch_loss([2.0, 2.0], [0.5, 0.5]))
+    1.0
+    >>> float(switch_loss([4.0, 0.0], [1.0, 0.0]))
+    2.0
+    """
+    load = tf.stop_gradient(_as_float32("load", load))
+    mean_probability = _as_float32("mean_probability", mean_probability)
+    for name, x in (("load", load), ("mean_probability", mean_probability)):
+        if x.shape.rank is not None and x.shape.rank != 1:
+            raise ValueError(
+                f"`{name}` must have rank 1 ([num_experts]). Received: "
+                f"{name}.shape={x.shape}"
+            )
+    num_experts = tf.cast(tf.size(load), tf.float32)
+    fraction = load / tf.maximum(tf.reduce_sum(load), 1e-10)
+    return num_experts * tf.reduce_sum(fraction * mean_probability)
+
+
+def router_z_loss(logits):
+    """The router z-loss of ST-MoE: the mean over tokens of
+    `logsumexp(logits)^2`.
+
+    From Zoph et al. (2022), "ST-MoE: Designing Stable and Transferable
+    Sparse Expert Models" (https://arxiv.org/abs/2202.08906), equation (5):
+    it keeps the router's logits small, so that its softmax stays
+    numerically stable. 0 for no tokens.
+
+    Args:
+        logits: a real tensor `[tokens, num_experts]`.
+
+    Returns:
+        A float32 scalar.
+
+    Example:
+
+    >>> round(float(router_z_loss([[0.0, 0.0]])), 4)  # log(2)^2
+    0.4805
+    """
+    logits = _as_float32("logits", logits)
+    if logits.shape.rank is not None and logits.shape.rank != 2:
+        raise ValueError(
+            "`logits` must have rank 2 ([tokens, num_experts]). "
+            f"Received: logits.shape={logits.shape}"
+        )
+    total = tf.reduce_sum(tf.square(tf.reduce_logsumexp(logits, 1)))
+    return total / tf.maximum(tf.cast(tf.shape(logits)[0], tf.float32), 1.0)
 
 
 def _as_float32(name, x):

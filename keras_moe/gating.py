@@ -7,10 +7,11 @@ import keras
 import tensorflow as tf
 
 from keras_moe import initialization, validation
+from keras_moe.routers import Router
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class NoisyTopKGating(keras.layers.Layer):
+class NoisyTopKGating(Router):
     """Noisy top-k gating network of the Sparsely-Gated Mixture-of-Experts.
 
     From Shazeer et al. (2017), "Outrageously Large Neural Networks: The
@@ -29,6 +30,10 @@ class NoisyTopKGating(keras.layers.Layer):
 
     All gating math runs in float32 whatever the dtype policy, and the
     weights are never autocast.
+
+    It is the `"noisy_top_k"` router of `MixtureOfExperts` (a
+    `keras_moe.routers.Router`): `route` gives the same gating as a
+    routing dict, the chosen experts computed once.
 
     Args:
         num_experts: int >= 1, the number of experts `n`.
@@ -80,9 +85,7 @@ class NoisyTopKGating(keras.layers.Layer):
         seed=None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.num_experts = validation.check_int("num_experts", num_experts, 1)
-        self.k = validation.check_int("k", k, 1, self.num_experts)
+        super().__init__(num_experts, k=k, **kwargs)
         self.noisy_gating = validation.check_bool("noisy_gating", noisy_gating)
         self.noise_epsilon = validation.check_non_negative_float(
             "noise_epsilon", noise_epsilon
@@ -94,12 +97,6 @@ class NoisyTopKGating(keras.layers.Layer):
         self.seed_generator = (
             keras.random.SeedGenerator(seed) if self.noisy_gating else None
         )
-        # Gating math is float32 under every policy: Keras must neither
-        # round the inputs (and `noise`) to float16 nor autocast the kernels.
-        self.autocast = False
-        # `mask` is consumed here (masked rows get no gates); no output
-        # carries it on (see `compute_mask`).
-        self.supports_masking = True
 
     def build(self, input_shape):
         validation.check_input_shape("inputs", input_shape, 2, 2)
@@ -121,16 +118,40 @@ class NoisyTopKGating(keras.layers.Layer):
         else:
             self.noise_kernel = None
 
-    def __call__(self, inputs, *args, **kwargs):
-        validation.check_known_rank("inputs", inputs)
-        return super().__call__(inputs, *args, **kwargs)
-
     @property
     def input_dim(self):
         # [d, experts], or stacked [..., d, experts] (SecondaryGating).
         return self.gate_kernel.shape[-2] if self.built else None
 
     def call(self, inputs, training=None, noise=None, mask=None):
+        gates, row_load, _ = self._gate(inputs, training, noise, mask)
+        return gates, tf.reduce_sum(row_load, 0)
+
+    def route(self, inputs, training=None, noise=None, mask=None,
+              capacity=None):
+        """The gating of `call` as a routing dict (see
+        `keras_moe.routers.Router`): the chosen experts and their gates, the
+        probabilities (a softmax of the noisy logits over all experts), the
+        logits and the load."""
+        if not self.built:
+            self.build(tuple(inputs.shape))
+        gates, row_load, top = self._gate(inputs, training, noise, mask)
+        expert_index, expert_gates, logits, mask = top
+        probabilities = tf.nn.softmax(logits)
+        if mask is not None:
+            probabilities = tf.where(tf.expand_dims(mask, 1), probabilities,
+                                     0.0)
+        return {
+            "expert_index": expert_index,
+            "expert_gates": expert_gates,
+            "probabilities": probabilities,
+            "logits": logits,
+            "load": tf.reduce_sum(row_load, 0),
+        }
+
+    def _gate(self, inputs, training, noise, mask):
+        """`(gates, row_load, (expert_index, expert_gates, logits, mask))`
+        of `call`'s inputs."""
         x = validation.check_float_tensor("inputs", inputs)
         validation.check_input_shape("inputs", x.shape, 2, 2, self.input_dim)
         x = tf.cast(x, tf.float32)
@@ -159,9 +180,9 @@ class NoisyTopKGating(keras.layers.Layer):
                 if mask is not None:
                     noise = tf.where(tf.expand_dims(mask, 1), noise, 0.0)
                 noise = validation.check_finite("noise", noise)
-        gates, row_load = self.gate_logits(
+        gates, row_load, top = self._gate_logits(
             x, clean_logits, noise_logits, noise, mask)
-        return gates, tf.reduce_sum(row_load, 0)
+        return gates, row_load, top + (mask,)
 
     def gate_logits(self, inputs, clean_logits, noise_logits=None,
                     noise=None, mask=None):
@@ -189,6 +210,14 @@ class NoisyTopKGating(keras.layers.Layer):
             `(gates, row_load)`, both float32 `[rows, num_experts]`; the
             load is `reduce_sum(row_load, 0)`.
         """
+        gates, row_load, _ = self._gate_logits(
+            inputs, clean_logits, noise_logits, noise, mask)
+        return gates, row_load
+
+    def _gate_logits(self, inputs, clean_logits, noise_logits, noise, mask):
+        """`gate_logits`, and `(expert_index, expert_gates, logits)`: the
+        top `k` experts of each row, their gates (zero for masked rows) and
+        the (noisy) logits they were chosen by."""
         # A finite token can still overflow the logits; its gates would be
         # NaN, and the dispatch would route it nowhere without a word.
         clean_logits = validation.check_finite_rows(
@@ -230,7 +259,9 @@ class NoisyTopKGating(keras.layers.Layer):
         else:
             # The true count (`balance.gates_to_load`), row by row.
             row_load = tf.cast(gates > 0, tf.float32)
-        return gates, row_load
+        if mask is not None:
+            top_k_gates = tf.where(tf.expand_dims(mask, 1), top_k_gates, 0.0)
+        return gates, row_load, (top_indices[:, : self.k], top_k_gates, logits)
 
     def draw_noise(self, shape):
         """A standard-normal float32 draw of `shape` from the layer's noise

@@ -17,6 +17,9 @@ from keras_moe.experts import FeedForwardExperts
 # routed (token, expert) pair sorted by expert, then by token, and
 # `gates()` the dense `[tokens, num_experts]` gates. `dropped_fraction` is
 # None where nothing can be dropped.
+#: The values of `balance_loss`.
+BALANCE_LOSSES = ("cv_squared", "switch", None)
+
 Routed = collections.namedtuple(
     "Routed",
     ["outputs", "statistics", "part_sizes", "pairs", "gates",
@@ -25,7 +28,7 @@ Routed = collections.namedtuple(
 
 
 def _experts(layer, num_experts, output_dim, hidden_sizes, hidden_activation,
-             autoscale, expert_initializer, expert_parallel=False):
+             autoscale, expert_initializer, expert_parallel=False, glu=False):
     """The `FeedForwardExperts` sublayer of an MoE layer, `layer.experts`."""
     return FeedForwardExperts(
         num_experts,
@@ -35,6 +38,7 @@ def _experts(layer, num_experts, output_dim, hidden_sizes, hidden_activation,
         autoscale=autoscale,
         kernel_initializer=expert_initializer,
         expert_parallel=expert_parallel,
+        glu=glu,
         dtype=layer.dtype_policy,
         name="experts",
     )
@@ -55,11 +59,22 @@ class _SparseMixtureBase(keras.layers.Layer):
         loss_coef=1e-2,
         cross_replica_balance=True,
         routing_metrics=True,
+        balance_loss="cv_squared",
+        router_z_loss_coef=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.loss_coef = validation.check_non_negative_float(
             "loss_coef", loss_coef
+        )
+        if balance_loss not in BALANCE_LOSSES:
+            raise ValueError(
+                f"`balance_loss` must be one of {list(BALANCE_LOSSES)}. "
+                f"Received: balance_loss={balance_loss!r}"
+            )
+        self.balance_loss = balance_loss
+        self.router_z_loss_coef = validation.check_non_negative_float(
+            "router_z_loss_coef", router_z_loss_coef
         )
         self.cross_replica_balance = validation.check_bool(
             "cross_replica_balance", cross_replica_balance
@@ -71,10 +86,7 @@ class _SparseMixtureBase(keras.layers.Layer):
         # `Model.metrics`, named after the layer.
         self._routing_trackers = {
             key: keras.metrics.Mean(name=f"{self.name}_{key}")
-            for key in (
-                ("aux_loss", "importance_cv2", "load_cv2", "max_overload")
-                if self.routing_metrics else ()
-            )
+            for key in (self._metric_keys() if self.routing_metrics else ())
         }
         self.supports_masking = True
         self.supports_jit = False
@@ -82,6 +94,16 @@ class _SparseMixtureBase(keras.layers.Layer):
         # gate's to float32: Keras must not round them (or `noise`) to
         # float16 first. The experts autocast their own kernels.
         self.autocast = False
+
+    def _metric_keys(self):
+        """The routing metrics the balancing losses give, in log order."""
+        balance_keys = {
+            "cv_squared": ("importance_cv2", "load_cv2"),
+            "switch": ("switch_loss", "load_cv2"),
+            None: ("load_cv2",),
+        }[self.balance_loss]
+        return (("aux_loss",) + balance_keys + ("max_overload",)
+                + (("z_loss",) if self.router_z_loss_coef > 0 else ()))
 
     # `add_loss` terms kept per replica thread under a strategy (see
     # `private_hooks.replica_thread_losses`).
@@ -114,29 +136,35 @@ class _SparseMixtureBase(keras.layers.Layer):
     def _output_dim_for(self, input_dim):
         return self.experts.output_dim or input_dim
 
-    def _shared_config(self, gating):
+    def _shared_config(self, gating=None):
         """The config entries of the arguments every MoE layer takes;
-        `gating` is the (first-level) gating network."""
+        `gating` is the (first-level) gating network, a `NoisyTopKGating`
+        (None: the caller gives `noisy_gating`, `noise_epsilon` and
+        `gate_initializer` itself)."""
         experts = self.experts
-        return {
+        config = {
             "output_dim": experts.output_dim,
             "hidden_sizes": list(experts.hidden_sizes),
             "hidden_activation": keras.activations.serialize(
                 experts.hidden_activation
             ),
             "autoscale": experts.autoscale,
-            "noisy_gating": gating.noisy_gating,
-            "noise_epsilon": gating.noise_epsilon,
             "loss_coef": self.loss_coef,
             "cross_replica_balance": self.cross_replica_balance,
             "routing_metrics": self.routing_metrics,
-            "gate_initializer": keras.initializers.serialize(
-                gating.kernel_initializer
-            ),
             "expert_initializer": keras.initializers.serialize(
                 experts.kernel_initializer
             ),
         }
+        if gating is not None:
+            config.update(
+                noisy_gating=gating.noisy_gating,
+                noise_epsilon=gating.noise_epsilon,
+                gate_initializer=keras.initializers.serialize(
+                    gating.kernel_initializer
+                ),
+            )
+        return config
 
     def _noise_shapes(self):
         """Trailing shapes of the noise draws, one per gating level."""
@@ -277,18 +305,17 @@ class _SparseMixtureBase(keras.layers.Layer):
             dict(routed.statistics, num_tokens=num_tokens)
         )
         importance, load = self._balance(statistics)
-        importance_cv2 = balance.cv_squared(importance)
-        load_cv2 = balance.cv_squared(load)
-        aux_loss = self.loss_coef * (importance_cv2 + load_cv2)
+        values = self._loss_terms(statistics, importance, load)
+        aux_loss = values["aux_loss"]
         self.add_loss(aux_loss)
+        if training:
+            self._after_training_call(statistics)
         if self.routing_metrics:
-            values = {
-                "aux_loss": aux_loss,
-                "importance_cv2": importance_cv2,
-                "load_cv2": load_cv2,
-                "max_overload": balance.max_overload(load),
-                "dropped_fraction": routed.dropped_fraction,
-            }
+            values.update(
+                max_overload=balance.max_overload(load),
+                dropped_fraction=routed.dropped_fraction,
+                **self._state_metric_values(),
+            )
             # A batch with no tokens (no rows, or all masked) routes
             # nothing: its zeros must not count in the metrics' means, nor
             # replace the last statistics. `dropped_fraction` describes the
@@ -352,6 +379,46 @@ class _SparseMixtureBase(keras.layers.Layer):
         if routed.dropped_fraction is not None:
             routing["dropped_fraction"] = routed.dropped_fraction
         return outputs, routing
+
+    def _loss_terms(self, statistics, importance, load):
+        """The auxiliary loss (`aux_loss`) and its terms, from the global
+        statistics: the balancing loss `balance_loss` weighted by
+        `loss_coef`, plus the router z-loss weighted by
+        `router_z_loss_coef`.
+
+        `"switch"` reads `statistics["counts"]` (the routed pairs per
+        expert) and `statistics["probability_sum"]` (the router
+        probabilities summed over tokens), and the z-loss
+        `statistics["z_loss_sum"]` (`logsumexp(logits)^2` summed over
+        tokens), which `_route` then provides.
+        """
+        terms = {"load_cv2": balance.cv_squared(load)}
+        num_tokens = tf.maximum(statistics["num_tokens"], 1.0)
+        if self.balance_loss == "cv_squared":
+            terms["importance_cv2"] = balance.cv_squared(importance)
+            balance_value = terms["importance_cv2"] + terms["load_cv2"]
+        elif self.balance_loss == "switch":
+            terms["switch_loss"] = balance.switch_loss(
+                statistics["counts"],
+                statistics["probability_sum"] / num_tokens,
+            )
+            balance_value = terms["switch_loss"]
+        else:
+            balance_value = tf.zeros((), tf.float32)
+        aux_loss = self.loss_coef * balance_value
+        if self.router_z_loss_coef > 0:
+            terms["z_loss"] = statistics["z_loss_sum"] / num_tokens
+            aux_loss += self.router_z_loss_coef * terms["z_loss"]
+        terms["aux_loss"] = aux_loss
+        return terms
+
+    def _after_training_call(self, statistics):
+        """What the routing updates after a training call, from the global
+        statistics (the self-balancing routers' state)."""
+
+    def _state_metric_values(self):
+        """Scalar metrics of the routing's own state, by metric key."""
+        return {}
 
     def _noisy(self):
         """Whether the gating adds noise while training."""

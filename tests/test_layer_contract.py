@@ -40,10 +40,22 @@ def _routing(num_experts, batch_shape, statistics_shape, drops=False):
     return routing
 
 
-def _moe_metrics(name, drops=False):
-    keys = ["aux_loss", "importance_cv2", "load_cv2", "max_overload"]
+def _moe_metrics(name, drops=False,
+                 keys=("aux_loss", "importance_cv2", "load_cv2",
+                       "max_overload")):
+    keys = list(keys)
     return tuple(f"{name}_{key}"
                  for key in keys + (["dropped_fraction"] if drops else []))
+
+
+def _token_choice(num_experts, k):
+    """The routing dict of a token-choice router."""
+    return {
+        "expert_index": Spec((None, k), "int32"),
+        "expert_gates": Spec((None, k), "float32"),
+        "probabilities": Spec((None, num_experts), "float32"),
+        "logits": Spec((None, num_experts), "float32"),
+    }
 
 
 CASES = [
@@ -105,6 +117,113 @@ CASES = [
         # Primary and secondary gates (no noise kernels), the experts' two.
         num_trainable_weights=4, num_non_trainable_weights=2, num_losses=1,
         supports_jit=False, mixed_policy="mixed_bfloat16",
+    ),
+    LayerCase(
+        # Mixtral/Qwen-MoE-like: softmax top-k, SwiGLU experts, the switch
+        # loss, a z-loss, jitter and a gated shared expert.
+        id="moe_softmax_top_k_shared_expert",
+        cls=keras_moe.MixtureOfExperts,
+        init_kwargs=dict(
+            num_experts=4, k=2, hidden_sizes=(5,), hidden_activation="silu",
+            glu=True, autoscale=False,
+            router="softmax_top_k", normalize_top_k=False,
+            balance_loss="switch", router_z_loss_coef=1e-3,
+            router_jitter=0.1, shared_expert_hidden_sizes=(3,),
+            shared_expert_gate=True, seed=3,
+            gate_initializer=keras.initializers.RandomNormal(seed=4),
+            name="moe",
+        ),
+        inputs={"inputs": _normal(5, 3, 6)},
+        call_kwargs=dict(return_routing=True),
+        outputs=(Spec((None, 3, 6)), _routing(4, (None, 3), (4,))),
+        # Gate kernel, the experts' two, the shared expert's two and its
+        # gate; last_importance and last_load.
+        num_trainable_weights=6, num_non_trainable_weights=2, num_losses=1,
+        metrics=_moe_metrics("moe", keys=("aux_loss", "switch_loss",
+                                          "load_cv2", "max_overload",
+                                          "z_loss")),
+        supports_jit=False, mixed_policy="mixed_float16",
+    ),
+    LayerCase(
+        # DeepSeek-V3-like, under XLA: sigmoid top-k with its bias.
+        id="moe_sigmoid_top_k_capacity",
+        cls=keras_moe.MixtureOfExperts,
+        init_kwargs=dict(
+            num_experts=4, k=2, hidden_sizes=(5,), router="sigmoid_top_k",
+            balance_loss="cv_squared", dispatch="capacity",
+            capacity_factor=1.5, gate_initializer="random_normal",
+            name="moe",
+        ),
+        inputs={"inputs": _normal(6, 5)},
+        outputs=Spec((None, 5)),
+        # Gate kernel and the experts' two; last_importance, last_load
+        # and the expert bias.
+        num_trainable_weights=3, num_non_trainable_weights=3, num_losses=1,
+        metrics=_moe_metrics("moe", drops=True) + ("moe_bias_spread",),
+        supports_jit=True, mixed_policy="mixed_bfloat16",
+    ),
+    LayerCase(
+        id="moe_expert_choice",
+        cls=keras_moe.MixtureOfExperts,
+        init_kwargs=dict(
+            num_experts=3, k=2, output_dim=2, router="expert_choice",
+            dispatch="capacity", capacity_factor=0.5, min_capacity=1,
+            router_z_loss_coef=0.01, gate_initializer="random_normal",
+            name="moe",
+        ),
+        inputs={"inputs": _normal(4, 3, 5)},
+        call_kwargs=dict(return_routing=True),
+        outputs=(Spec((None, 3, 2)),
+                 _routing(3, (None, 3), (3,), drops=True)),
+        num_trainable_weights=2, num_non_trainable_weights=2, num_losses=1,
+        metrics=_moe_metrics("moe", drops=True,
+                             keys=("aux_loss", "load_cv2", "max_overload",
+                                   "z_loss")),
+        supports_jit=True, mixed_policy="mixed_float16",
+    ),
+    LayerCase(
+        id="softmax_top_k_router",
+        cls=keras_moe.routers.SoftmaxTopKRouter,
+        init_kwargs=dict(
+            num_experts=5, k=3, normalize_top_k=False, jitter=0.2,
+            kernel_initializer=keras.initializers.RandomNormal(seed=3),
+            seed=6,
+        ),
+        inputs={"inputs": _normal(7, 4)},
+        outputs=_token_choice(5, 3),
+        num_trainable_weights=1,
+        supports_jit=True, mixed_policy="mixed_float16",
+    ),
+    LayerCase(
+        id="sigmoid_top_k_router",
+        cls=keras_moe.routers.SigmoidTopKRouter,
+        init_kwargs=dict(
+            num_experts=4, k=1, normalize_top_k=False, bias_update_rate=0.01,
+            jitter=0.1, kernel_initializer="random_normal", seed=2,
+        ),
+        inputs={"inputs": _normal(6, 3)},
+        outputs=_token_choice(4, 1),
+        # The gate kernel; the expert bias.
+        num_trainable_weights=1, num_non_trainable_weights=1,
+        supports_jit=True, mixed_policy="mixed_bfloat16",
+    ),
+    LayerCase(
+        id="expert_choice_router",
+        cls=keras_moe.routers.ExpertChoiceRouter,
+        init_kwargs=dict(
+            num_experts=3, k=2, jitter=0.05,
+            kernel_initializer="random_normal", seed=1,
+        ),
+        inputs={"inputs": _normal(5, 4)},
+        call_kwargs=dict(capacity=2),
+        outputs={
+            "token_index": Spec((3, 2), "int32"),
+            "token_gates": Spec((3, 2), "float32"),
+            "probabilities": Spec((None, 3), "float32"),
+            "logits": Spec((None, 3), "float32"),
+        },
+        num_trainable_weights=1,
+        supports_jit=True, mixed_policy="mixed_float16",
     ),
     LayerCase(
         id="noisy_top_k_gating",
