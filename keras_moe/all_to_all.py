@@ -25,7 +25,7 @@ def replica_layout():
         raise ValueError(
             "The experts are sharded over the replicas only where each "
             "replica's id is known when its function is traced "
-            "(MirroredStrategy). Received: "
+            "(MirroredStrategy, MultiWorkerMirroredStrategy). Received: "
             f"strategy={type(context.strategy).__name__}"
         )
     return context.num_replicas_in_sync, int(replica_id)
@@ -59,13 +59,17 @@ def all_to_all(x):
         # the traffic) of which each replica keeps its column.
         return _all_gather_all_to_all(x, replica_id)
     strategy = tf.distribute.get_strategy()
+    # The strategy's launchers are this worker's: under
+    # MultiWorkerMirroredStrategy worker `t` runs replicas `[t * n,
+    # (t + 1) * n)` on its `n` devices.
+    local_replica = replica_id % len(strategy.extended.worker_devices)
 
     @tf.custom_gradient
     def exchange(x):
         def send(x):
             _align_replicas()
             return private_hooks.collective_all_to_all(
-                x, strategy, replica_id, TIMEOUT_SECONDS)
+                x, strategy, local_replica, TIMEOUT_SECONDS)
 
         # The reverse of an all-to-all is the same all-to-all.
         return send(x), send

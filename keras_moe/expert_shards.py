@@ -18,9 +18,13 @@ class ShardedKernel(tf.__internal__.tracking.Trackable):
     any number of shards).
     """
 
-    def __init__(self, shards):
+    def __init__(self, shards, num_shards=None, first_shard=0):
+        # This worker's shards, `first_shard` on (all of them, but under
+        # MultiWorkerMirroredStrategy, where each worker holds its own).
         self.shards = list(shards)
-        for index, shard in enumerate(self.shards):
+        self.first_shard = first_shard
+        self._num_shards = num_shards or len(self.shards)
+        for index, shard in enumerate(self.shards, first_shard):
             # What ExpertParallelOptimizer reads to keep the shard's update
             # on its own device.
             shard._keras_moe_shard = (self, index)
@@ -33,7 +37,12 @@ class ShardedKernel(tf.__internal__.tracking.Trackable):
 
     @property
     def num_shards(self):
-        return len(self.shards)
+        """The shards of all workers: one per replica."""
+        return self._num_shards
+
+    def local_shard(self, replica_id):
+        """The shard of replica `replica_id` (one of this worker's)."""
+        return self.shards[replica_id - self.first_shard]
 
     @property
     def shape(self):
@@ -50,10 +59,16 @@ class ShardedKernel(tf.__internal__.tracking.Trackable):
         return self.shards[0].name.rsplit("_shard_", 1)[0]
 
     def value(self):
-        return tf.concat([tf.convert_to_tensor(s) for s in self.shards], 0)
+        if len(self.shards) == self.num_shards:
+            return tf.concat(
+                [tf.convert_to_tensor(s) for s in self.shards], 0)
+        return _gathered_over_workers(self)
 
     def numpy(self):
-        return np.concatenate([np.asarray(s.numpy()) for s in self.shards])
+        if len(self.shards) == self.num_shards:
+            return np.concatenate(
+                [np.asarray(s.numpy()) for s in self.shards])
+        return self.value().numpy()
 
     def assign(self, value):
         """Assigns a whole `[num_experts, in, out]` value, shard by shard."""
@@ -63,8 +78,9 @@ class ShardedKernel(tf.__internal__.tracking.Trackable):
                 f"A sharded kernel of shape {tuple(self.shape)} cannot take "
                 f"a value of shape {tuple(value.shape)}."
             )
-        for shard, part in zip(self.shards, split(value, self.num_shards)):
-            shard.assign(part)
+        parts = split(value, self.num_shards)
+        for index, shard in enumerate(self.shards, self.first_shard):
+            shard.assign(parts[index])
 
     def __getitem__(self, index):
         return self.value()[index]
@@ -75,6 +91,32 @@ class ShardedKernel(tf.__internal__.tracking.Trackable):
     def _restore_from_tensors(self, restored_tensors):
         self.assign(restored_tensors["VARIABLE_VALUE"])
         return tf.group([s.value for s in self.shards])
+
+
+def _gathered_over_workers(kernel):
+    """The whole kernel when each worker holds only its own shards
+    (MultiWorkerMirroredStrategy): an all-gather, which every worker must
+    run at the same point (as it runs saving), from outside a replica
+    function."""
+    strategy = tf.distribute.get_strategy()
+    if not tf.distribute.in_cross_replica_context() or (
+            strategy.num_replicas_in_sync != kernel.num_shards):
+        raise ValueError(
+            f"The whole kernel {kernel.name} of experts sharded over "
+            f"{kernel.num_shards} replicas of several workers is read by "
+            "all workers together, in the scope of their strategy and "
+            "outside `strategy.run`. Received: strategy="
+            f"{type(strategy).__name__} with "
+            f"{strategy.num_replicas_in_sync} replicas"
+        )
+
+    def gather():
+        context = tf.distribute.get_replica_context()
+        replica_id = tf.get_static_value(context.replica_id_in_sync_group)
+        shard = tf.convert_to_tensor(kernel.local_shard(int(replica_id)))
+        return context.all_gather(shard, axis=0)
+
+    return strategy.experimental_local_results(strategy.run(gather))[0]
 
 
 tf.register_tensor_conversion_function(
@@ -104,19 +146,14 @@ def shard_devices(num_experts):
     num_replicas = strategy.num_replicas_in_sync
     if num_replicas == 1:
         return None
-    if not isinstance(strategy, tf.distribute.MirroredStrategy):
+    if not isinstance(strategy, (
+            tf.distribute.MirroredStrategy,
+            tf.distribute.MultiWorkerMirroredStrategy)):
         raise ValueError(
             "`expert_parallel=True` shards the experts over the replicas "
-            "of a MirroredStrategy (it needs an all-to-all between "
-            "replicas). Received: strategy="
+            "of a MirroredStrategy or MultiWorkerMirroredStrategy (it "
+            "needs an all-to-all between replicas). Received: strategy="
             f"{type(strategy).__name__} with {num_replicas} replicas"
-        )
-    devices = strategy.extended.worker_devices
-    if len(devices) != num_replicas:
-        raise ValueError(
-            "`expert_parallel=True` supports the replicas of one "
-            f"machine for now. Received: {num_replicas} replicas, "
-            f"{len(devices)} on this worker"
         )
     if num_experts % num_replicas:
         raise ValueError(
@@ -124,7 +161,18 @@ def shard_devices(num_experts):
             "the number of replicas. Received: "
             f"num_experts={num_experts}, replicas={num_replicas}"
         )
-    return list(devices)
+    return list(strategy.extended.worker_devices)
+
+
+def first_local_replica():
+    """The replica id of this worker's first device under the strategy in
+    scope: 0 but under MultiWorkerMirroredStrategy, whose worker `t`
+    (with `n` devices) holds replicas `[t * n, (t + 1) * n)`."""
+    strategy = tf.distribute.get_strategy()
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return 0
+    return (strategy.cluster_resolver.task_id
+            * len(strategy.extended.worker_devices))
 
 
 def replica_kernels(experts, replica_id, training):
@@ -147,19 +195,23 @@ def replica_kernels(experts, replica_id, training):
             "`optimizer.build(model.trainable_variables)` first). "
             f"Layer: {experts.name}"
         )
-    return [tf.cast(kernel.shards[replica_id], experts.compute_dtype)
+    return [tf.cast(kernel.local_shard(replica_id), experts.compute_dtype)
             for kernel in experts.kernels]
 
 
 def make_sharded_kernel(layer, name, shape, initializer, devices, offset):
-    """Adds to `layer` one weight per device in `devices`, the shards of a
-    `[num_experts, in, out]` kernel, each expert initialized as the
-    replicated layer initializes it (`initialization.stacked`, seeds
-    `offset + expert`); returns their `ShardedKernel`."""
+    """Adds to `layer` one weight per device in `devices` (this worker's
+    replicas' devices), the shards of a `[num_experts, in, out]` kernel
+    split over all replicas of the strategy in scope, each expert
+    initialized as the replicated layer initializes it
+    (`initialization.stacked`, seeds `offset + expert`); returns their
+    `ShardedKernel`."""
     num_experts = shape[0]
-    per_shard = num_experts // len(devices)
+    num_shards = tf.distribute.get_strategy().num_replicas_in_sync
+    first_shard = first_local_replica()
+    per_shard = num_experts // num_shards
     shards = []
-    for index, device in enumerate(devices):
+    for index, device in enumerate(devices, first_shard):
         with private_hooks.on_one_device(device):
             shards.append(layer.add_weight(
                 name=f"{name}_shard_{index}",
@@ -167,4 +219,4 @@ def make_sharded_kernel(layer, name, shape, initializer, devices, offset):
                 initializer=initialization.stacked(
                     initializer, per_shard, offset=offset + index * per_shard),
             ))
-    return ShardedKernel(shards)
+    return ShardedKernel(shards, num_shards, first_shard)

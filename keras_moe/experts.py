@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from keras_moe import (
     all_to_all, expert_shards, grouped_feed_forward, initialization,
-    private_hooks, validation, xla,
+    private_hooks, validation,
 )
 
 
@@ -170,7 +170,6 @@ class FeedForwardExperts(keras.layers.Layer):
             expert_shards.shard_devices(self.num_experts)
             if self.expert_parallel else None)
         if devices:
-            self.num_shards = len(devices)
             kernels = [
                 expert_shards.make_sharded_kernel(
                     self, f"kernel_{layer}",
@@ -180,6 +179,8 @@ class FeedForwardExperts(keras.layers.Layer):
                 )
                 for layer, (fan_in, fan_out) in enumerate(shapes)
             ]
+            # One per replica, of every worker.
+            self.num_shards = kernels[0].num_shards
         else:
             kernels = [
                 self.add_weight(
@@ -258,22 +259,6 @@ class FeedForwardExperts(keras.layers.Layer):
                 f"replicas). Received: inputs.shape={tuple(x.shape)}, "
                 f"{num_replicas} replicas"
             )
-        xla.check_not_xla(
-            "Experts sharded over replicas (`expert_parallel=True`)",
-            "Train without `jit_compile=True`, or without "
-            "`expert_parallel`.",
-        )
-        if training and not getattr(
-                self.kernels[0], "trained_by_expert_parallel_optimizer",
-                False):
-            raise ValueError(
-                "Experts sharded over replicas (`expert_parallel=True`) "
-                "train only with `keras_moe.ExpertParallelOptimizer("
-                "optimizer)`, built before the first training step "
-                "(`model.fit` builds it; in a custom loop call "
-                "`optimizer.build(model.trainable_variables)` first). "
-                f"Layer: {self.name}"
-            )
         per_replica = self.num_experts // num_replicas
         capacity, width = tf.shape(x)[1], x.shape[2]
         # Experts [r * E / R, (r + 1) * E / R) live on replica r.
@@ -282,8 +267,7 @@ class FeedForwardExperts(keras.layers.Layer):
         # [sender, expert, slot, d] -> [expert, sender and slot, d]
         slabs = tf.reshape(tf.transpose(received, [1, 0, 2, 3]),
                            [per_replica, num_replicas * capacity, width])
-        kernels = [tf.cast(kernel.shards[replica_id], self.compute_dtype)
-                   for kernel in self.kernels]
+        kernels = expert_shards.replica_kernels(self, replica_id, training)
         outputs = grouped_feed_forward.slab_feed_forward(
             slabs, kernels, self.between_layers)
         output_dim = outputs.shape[2]

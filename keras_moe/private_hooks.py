@@ -30,7 +30,8 @@ upgrade moves or changes it.
   checkpoints of the layers lose weights.
 - `collective_ops.all_to_all_v2` (TensorFlow, `tensorflow.python.ops`)
   launched like the strategy's own collectives
-  (`strategy.extended._collective_ops._launchers[replica]`: its group
+  (`strategy.extended._collective_ops._launchers[replica]`, under
+  MultiWorkerMirroredStrategy `extended._cross_device_ops._launchers`: its group
   key, instance keys and ordering token): the `CollectiveAllToAllV2` op
   sends slice `r` of a tensor to replica `r`; `tf.distribute` offers
   all-reduce and all-gather but no all-to-all (tensorflow/tensorflow
@@ -147,9 +148,7 @@ def collective_all_to_all(x, strategy, local_replica, timeout):
     collective group and order: slice `r` of `x` (first dimension the
     number of replicas) goes to replica `r`; slice `s` of the result came
     from replica `s`. `local_replica` indexes this worker's replicas."""
-    launchers = getattr(
-        getattr(strategy.extended, "_collective_ops", None), "_launchers",
-        None)
+    launchers = _collective_launchers(strategy)
     missing = [
         name for name in ("_next_instance_key", "_get_ordering_token",
                           "_group_key", "_group_size", "_device")
@@ -173,6 +172,18 @@ def collective_all_to_all(x, strategy, local_replica, timeout):
             x, launcher._group_size, launcher._group_key, instance_key,
             timeout=timeout, ordering_token=ordering_token,
         )
+
+
+def _collective_launchers(strategy):
+    """The launchers of the strategy's collectives, one per local replica:
+    MirroredStrategy keeps them in `extended._collective_ops`,
+    MultiWorkerMirroredStrategy in `extended._cross_device_ops`."""
+    for name in ("_collective_ops", "_cross_device_ops"):
+        launchers = getattr(
+            getattr(strategy.extended, name, None), "_launchers", None)
+        if launchers:
+            return launchers
+    return None
 
 
 def on_one_device(device):

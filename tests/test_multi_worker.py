@@ -66,6 +66,52 @@ def test_custom_loop_matches_single_process(tmp_path):
         assert np.max(np.abs(final - start)) > 1e-3, name
 
 
+def test_experts_sharded_over_workers_train_as_one_process(tmp_path):
+    # On CPUs MultiWorkerMirroredStrategy runs one replica a worker
+    # (TensorFlow's CollectiveAllReduceExtended._initialize_local_devices):
+    # 2 workers, 2 replicas, each holding half of the experts.
+    outs = [tmp_path / f"worker{i}.npz" for i in range(NUM_WORKERS)]
+    ckpt_dir = tmp_path / "ckpt"
+    with harness.Processes(tmp_path / "logs") as procs:
+        workers = procs.start_cluster(
+            "mwms_expert_parallel.py",
+            ["--steps", STEPS, "--ckpt-dir", ckpt_dir], NUM_WORKERS,
+            per_worker_args=lambda i: ["--out", outs[i]],
+        )
+        # The replicated layer, no strategy, on the whole global batches.
+        reference = harness.model_weights(common.run_custom_loop(
+            STEPS,
+            build=lambda: common.build_expert_parallel_model(False),
+            make=common.make_expert_parallel_optimizer))
+        initial_model = common.build_expert_parallel_model(False)
+        initial = harness.model_weights(initial_model)
+        procs.wait(workers, timeout=harness.timeout(90))
+
+    results = [harness.load_weights(out) for out in outs]
+    for names, _, extras in results:
+        # Each worker holds its half of every expert kernel, no more.
+        assert [shape[0] for shape in extras["local_shapes"]] == [
+            common.NUM_EXPERTS // NUM_WORKERS] * 2
+    order = [results[0][0].index(name) for name in reference[0]]
+    chief = (reference[0], [results[0][1][i] for i in order])
+    harness.assert_same_weights(
+        (reference[0], [results[1][1][i] for i in order]), chief,
+        "worker 1 vs worker 0")
+    harness.assert_same_weights(chief, reference, "2 workers vs one process",
+                                initial=initial, steps=STEPS)
+    for name, final, start in zip(chief[0], chief[1], initial[1]):
+        if "last_" not in name:
+            assert np.max(np.abs(final - start)) > 1e-3, name
+    # The chief's checkpoint holds the whole kernels: it restores into the
+    # replicated layer with no strategy.
+    import tensorflow as tf
+
+    tf.train.Checkpoint(model=initial_model).read(
+        str(ckpt_dir / "model")).assert_existing_objects_matched()
+    harness.assert_same_weights(harness.model_weights(initial_model), chief,
+                                "restored checkpoint")
+
+
 @pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
                    reason=KERAS_MWMS_FIT_BUG)
 def test_fit_under_multi_worker_strategy(tmp_path):

@@ -89,6 +89,65 @@ def make_optimizer():
     return keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM)
 
 
+def build_expert_parallel_model(expert_parallel=True):
+    """Input -> MixtureOfExperts (capacity dispatch with room for every
+    token, noise off, experts sharded over the replicas when built under a
+    strategy with `expert_parallel`) -> Dense. Seeded initializers (a
+    sharded kernel's shards are not `get_weights()` entries of the whole
+    kernel), so every process starts from the same whole weights."""
+    import keras
+
+    import keras_moe
+
+    inputs = keras.Input((INPUT_DIM,))
+    hidden = keras_moe.MixtureOfExperts(
+        NUM_EXPERTS,
+        k=K,
+        hidden_sizes=HIDDEN_SIZES,
+        noisy_gating=False,
+        loss_coef=LOSS_COEF,
+        dispatch="capacity",
+        capacity_factor=float(NUM_EXPERTS),
+        gate_initializer=keras.initializers.RandomNormal(0.0, 0.5, seed=1),
+        expert_initializer=keras.initializers.GlorotUniform(seed=2),
+        expert_parallel=expert_parallel,
+        name="moe",
+    )(inputs)
+    outputs = keras.layers.Dense(
+        OUTPUT_DIM, kernel_initializer=keras.initializers.GlorotUniform(
+            seed=3), name="head")(hidden)
+    return keras.Model(inputs, outputs)
+
+
+def make_expert_parallel_optimizer():
+    import keras
+
+    import keras_moe
+
+    return keras_moe.ExpertParallelOptimizer(make_optimizer())
+
+
+def whole_weights(model):
+    """`(names, weights)`: the model's weights with each sharded expert
+    kernel read whole (all workers must call it together, in the
+    strategy's scope), in the order of the replicated model's weights."""
+    names, weights = [], []
+    for layer in model.layers:
+        experts = getattr(layer, "experts", None)
+        for variable in layer.weights:
+            if "_shard_" in variable.path:
+                continue
+            names.append(str(variable.path))
+            weights.append(variable.numpy())
+        if experts is not None and experts.num_shards > 1:
+            # Sharded kernels after the layer's other weights; the
+            # replicated model lists the experts' kernels last too.
+            for index, kernel in enumerate(experts.kernels):
+                names.append(f"{layer.name}/experts/kernel_{index}")
+                weights.append(kernel.numpy())
+    return names, weights
+
+
 def global_batches(num_steps):
     """`num_steps` global batches `(x, y)`, the same in every process."""
     rng = np.random.default_rng(DATA_SEED)
@@ -241,17 +300,17 @@ def fit_model(strategy, epochs, steps_per_epoch, callbacks=()):
     return model
 
 
-def run_custom_loop(num_steps):
+def run_custom_loop(num_steps, build=build_model, make=make_optimizer):
     """The reference: `num_steps` custom-loop steps in this process with no
     strategy, each on the whole global batch, on the CPU. Returns the
-    model."""
+    model (made by `build()`, trained by `make()`)."""
     import tensorflow as tf
 
     # On the CPU, as the workers: a GPU would compute (TF32 matmuls) to
     # another precision.
     with tf.device("/cpu:0"):
-        model = build_model()
-        optimizer = make_optimizer()
+        model = build()
+        optimizer = make()
         optimizer.build(model.trainable_variables)
         train_step = make_train_step(None, model, optimizer)
         x, y = global_batches(num_steps)
