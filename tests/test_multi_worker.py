@@ -66,16 +66,20 @@ def test_custom_loop_matches_single_process(tmp_path):
         assert np.max(np.abs(final - start)) > 1e-3, name
 
 
-def test_experts_sharded_over_workers_train_as_one_process(tmp_path):
-    # On CPUs MultiWorkerMirroredStrategy runs one replica a worker
-    # (TensorFlow's CollectiveAllReduceExtended._initialize_local_devices):
-    # 2 workers, 2 replicas, each holding half of the experts.
+@pytest.mark.parametrize("local_cpus", [1, 2])
+def test_experts_sharded_over_workers_train_as_one_process(tmp_path,
+                                                           local_cpus):
+    # 2 workers of `local_cpus` replicas each (on CPUs the strategy runs
+    # one a worker; the worker script makes it take 2 logical CPUs as it
+    # takes GPUs), each replica holding its share of the experts.
+    num_replicas = NUM_WORKERS * local_cpus
     outs = [tmp_path / f"worker{i}.npz" for i in range(NUM_WORKERS)]
     ckpt_dir = tmp_path / "ckpt"
     with harness.Processes(tmp_path / "logs") as procs:
         workers = procs.start_cluster(
             "mwms_expert_parallel.py",
-            ["--steps", STEPS, "--ckpt-dir", ckpt_dir], NUM_WORKERS,
+            ["--steps", STEPS, "--ckpt-dir", ckpt_dir,
+             "--local-cpus", local_cpus], NUM_WORKERS,
             per_worker_args=lambda i: ["--out", outs[i]],
         )
         # The replicated layer, no strategy, on the whole global batches.
@@ -89,9 +93,10 @@ def test_experts_sharded_over_workers_train_as_one_process(tmp_path):
 
     results = [harness.load_weights(out) for out in outs]
     for names, _, extras in results:
-        # Each worker holds its half of every expert kernel, no more.
+        # Each worker holds its replicas' shares of every expert kernel
+        # (2 layers), no more.
         assert [shape[0] for shape in extras["local_shapes"]] == [
-            common.NUM_EXPERTS // NUM_WORKERS] * 2
+            common.NUM_EXPERTS // num_replicas] * (2 * local_cpus)
     order = [results[0][0].index(name) for name in reference[0]]
     chief = (reference[0], [results[0][1][i] for i in order])
     harness.assert_same_weights(

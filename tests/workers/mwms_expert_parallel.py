@@ -1,10 +1,14 @@
 """Custom-loop training of a MixtureOfExperts whose experts are sharded
-over the replicas of a `MultiWorkerMirroredStrategy` (one replica a worker
-on CPUs): worker `t` holds experts `[t * E / R, (t + 1) * E / R)`, tokens
-reach them by all-to-alls over gRPC.
+over the replicas of a `MultiWorkerMirroredStrategy`: worker `t` of `n`
+local replicas holds experts `[t * n * E / R, (t + 1) * n * E / R)`, and
+tokens reach them by all-to-alls over gRPC.
 
     python tests/workers/mwms_expert_parallel.py --out W.npz --steps 3
-        --ckpt-dir DIR
+        --ckpt-dir DIR [--local-cpus 2]
+
+`--local-cpus n`: `n` replicas on this worker, one per logical CPU (on
+CPUs the strategy runs one replica a worker unless told otherwise, as here
+through its private `_initialize_local_devices`: a test-only patch).
 
 Writes the whole weights (sharded kernels all-gathered) to `--out` as
 `names, w0, w1, ...` plus `local_shapes` (the shapes of the sharded
@@ -22,9 +26,24 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
 parser.add_argument("--steps", type=int, required=True)
 parser.add_argument("--ckpt-dir", required=True)
+parser.add_argument("--local-cpus", type=int, default=1)
 args = parser.parse_args()
 
-tf = common.setup_tensorflow(inter_op_threads=4)
+tf = common.setup_tensorflow(
+    inter_op_threads=4,
+    logical_cpus=args.local_cpus if args.local_cpus > 1 else None)
+if args.local_cpus > 1:
+    # On CPUs MultiWorkerMirroredStrategy runs one replica a worker; to
+    # run several (as it does on GPUs), the test makes it take this
+    # worker's logical CPUs as it would take its GPUs.
+    from tensorflow.python.distribute import collective_all_reduce_strategy
+
+    def _local_cpus(self, cluster_resolver, worker_device):
+        return tuple(f"{worker_device}/device:CPU:{i}"
+                     for i in range(args.local_cpus)), "CPU"
+
+    collective_all_reduce_strategy.CollectiveAllReduceExtended \
+        ._initialize_local_devices = _local_cpus
 import numpy as np  # noqa: E402
 
 from keras_moe import all_to_all  # noqa: E402
