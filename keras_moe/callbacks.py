@@ -19,6 +19,7 @@ from keras_moe.heatmap import (  # noqa: F401  (public here too)
 )
 from keras_moe.hierarchical import HierarchicalMixtureOfExperts
 from keras_moe.moe import MixtureOfExperts
+from keras_moe.routers import Router
 
 _MOE_CLASSES = (MixtureOfExperts, HierarchicalMixtureOfExperts)
 
@@ -39,6 +40,9 @@ class RoutingMonitor(keras.callbacks.Callback):
       `{layer name}/load/expert_{i}` and `.../importance/expert_{i}`), at
       step `model.optimizer.iterations` (the number of optimizer updates
       so far: 1 after the first batch);
+    - records the router's own per-expert state likewise (`sigmoid_top_k`'s
+      `expert_bias`, tagged `{layer name}/expert_bias`: the bias that
+      balances its load; `Router.expert_state` says what a router has);
     - keeps them in `history`;
     - at the end of training, if `heatmap_path` is set, draws a PNG heat map
       of expert load over training (`save_heatmap`): one row per expert,
@@ -48,7 +52,10 @@ class RoutingMonitor(keras.callbacks.Callback):
     The histograms are TensorFlow's classic histogram summaries (the ones
     the original `expert_utils.py` wrote with `summaries=True`); they need
     no TensorBoard installation to write, and TensorBoard shows them in its
-    Histograms and Distributions tabs. Per-expert values of a hierarchical
+    Histograms and Distributions tabs. The layers' scalar routing metrics
+    (`{layer name}_aux_loss`, `..._load_cv2`, `..._switch_loss`,
+    `..._z_loss`, `..._bias_spread`, ...) are in `fit`'s logs, which
+    `keras.callbacks.TensorBoard` writes. Per-expert values of a hierarchical
     layer are flattened: expert `j` of group `i` is expert
     `i * experts_per_group + j`, as in its routing report.
 
@@ -77,7 +84,9 @@ class RoutingMonitor(keras.callbacks.Callback):
     Attributes:
         history: dict from layer name to a dict with `"step"` (int64
             `[records]`, the optimizer iterations), `"load"` and
-            `"importance"` (float32 `[records, num_experts]`).
+            `"importance"` (float32 `[records, num_experts]`), and one
+            entry per piece of router state (`"expert_bias"`, float32
+            `[records, num_experts]`).
 
     Raises:
         TypeError: at construction, for an argument of the wrong type.
@@ -259,20 +268,24 @@ class RoutingMonitor(keras.callbacks.Callback):
                     f"MoE layer '{layer.name}' is not built yet: it has no "
                     "`last_load` to read. Train the model first."
                 )
-            load = _to_numpy(layer.last_load).reshape(-1)
-            importance = _to_numpy(layer.last_importance).reshape(-1)
+            values = {
+                "load": _to_numpy(layer.last_load).reshape(-1),
+                "importance": _to_numpy(layer.last_importance).reshape(-1),
+            }
+            for key, variable in _router_state(layer).items():
+                values[key] = _to_numpy(variable).reshape(-1)
             records = self._records.setdefault(
-                layer.name, {"step": [], "load": [], "importance": []}
+                layer.name, {"step": [], **{key: [] for key in values}}
             )
             records["step"].append(step)
-            records["load"].append(load)
-            records["importance"].append(importance)
+            for key, value in values.items():
+                records[key].append(value)
             if self._writer is not None:
-                self._write_summaries(layer.name, step, load, importance)
+                self._write_summaries(layer.name, step, values)
 
-    def _write_summaries(self, name, step, load, importance):
+    def _write_summaries(self, name, step, per_expert):
         with self._writer.as_default():
-            for key, values in (("load", load), ("importance", importance)):
+            for key, values in per_expert.items():
                 tag = f"{name}/{key}"
                 tf.summary.experimental.write_raw_pb(
                     tf.raw_ops.HistogramSummary(
@@ -296,12 +309,13 @@ class RoutingMonitor(keras.callbacks.Callback):
     def history(self):
         """Per layer name: `{"step": int64 [records], "load": float32
         [records, num_experts], "importance": float32 [records,
-        num_experts]}`, as numpy arrays (a copy)."""
+        num_experts]}` and the router's state (`"expert_bias"`, float32
+        `[records, num_experts]`), as numpy arrays (a copy)."""
         return {
             name: {
-                "step": np.asarray(records["step"], np.int64),
-                "load": np.asarray(records["load"], np.float32),
-                "importance": np.asarray(records["importance"], np.float32),
+                key: np.asarray(values,
+                                np.int64 if key == "step" else np.float32)
+                for key, values in records.items()
             }
             for name, records in self._records.items()
         }
@@ -407,6 +421,14 @@ def encode_png(pixels):
             f"(height, width, 3). Received: pixels.shape={array.shape}"
         )
     return _encode_png(array)
+
+
+def _router_state(layer):
+    """The per-expert state of a flat MoE layer's router, by name."""
+    gating = getattr(layer, "gating", None)
+    if isinstance(gating, Router):
+        return gating.expert_state()
+    return {}
 
 
 def _to_numpy(variable, dtype=np.float32):

@@ -1,5 +1,5 @@
 """The statistics of keras_moe/balance.py: cv_squared, max_overload,
-gates_to_load against hand-computed values (cv_squared also against the
+gates_to_load, switch_loss and router_z_loss against hand-computed values (cv_squared also against the
 NumPy reference of tests/balance_reference.py, which the hand-computed
 values check too). The balancing loss of the MoE layers built from them is
 tested in test_balancing.py."""
@@ -94,3 +94,67 @@ def test_gates_to_load_of_empty_batch_is_zero():
 def test_gates_to_load_rejects_wrong_rank():
     with pytest.raises(ValueError, match=r"gates.shape=\(3,\)"):
         keras_moe.gates_to_load([0.1, 0.2, 0.3])
+
+
+@pytest.mark.parametrize(
+    "load, mean_probability, expected",
+    [
+        # Uniform routing and probabilities: 1 whatever E.
+        ([3.0, 3.0, 3.0], [1 / 3, 1 / 3, 1 / 3], 1.0),
+        # Everything on one expert, which has all the probability: E.
+        ([6.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], 4.0),
+        # Only the fractions count: f = (0.75, 0.25), P = (0.5, 0.5):
+        # 2 * (0.375 + 0.125).
+        ([6.0, 2.0], [0.5, 0.5], 1.0),
+        # f = (0.75, 0.25), P = (0.9, 0.1): 2 * (0.675 + 0.025).
+        ([3, 1], [0.9, 0.1], 1.4),
+        # Nothing routed.
+        ([0.0, 0.0], [0.0, 0.0], 0.0),
+    ],
+)
+def test_switch_loss_hand_computed(load, mean_probability, expected):
+    assert_close(keras_moe.switch_loss(load, mean_probability), expected,
+                 FORWARD, floor=1.0, what=f"switch_loss{load}")
+
+
+def test_switch_loss_gradient_flows_through_the_probabilities_only():
+    load = tf.Variable([3.0, 1.0])
+    probability = tf.Variable([0.9, 0.1])
+    with tf.GradientTape() as tape:
+        loss = keras_moe.switch_loss(load, probability)
+    load_gradient, probability_gradient = tape.gradient(
+        loss, [load, probability])
+    assert load_gradient is None
+    # d/dP_i of E * sum f_i P_i is E * f_i.
+    assert_close(probability_gradient, [1.5, 0.5], ELEMENTWISE)
+
+
+@pytest.mark.parametrize(
+    "logits, expected",
+    [
+        # One token, E equal logits: log(E)^2.
+        ([[0.0, 0.0, 0.0, 0.0]], np.log(4.0) ** 2),
+        # logsumexp(log 1, log 3) = log 4; logsumexp(0, 0) = log 2.
+        ([[0.0, np.log(3.0)], [0.0, 0.0]],
+         (np.log(4.0) ** 2 + np.log(2.0) ** 2) / 2),
+        # Large logits do not overflow: logsumexp(100, 100) = 100 + log 2.
+        ([[100.0, 100.0]], (100 + np.log(2.0)) ** 2),
+    ],
+)
+def test_router_z_loss_hand_computed(logits, expected):
+    assert_close(keras_moe.router_z_loss(tf.constant(logits, tf.float32)),
+                 expected, FORWARD, what=f"router_z_loss{logits}")
+
+
+def test_router_z_loss_of_no_tokens_is_zero():
+    assert float(keras_moe.router_z_loss(tf.zeros([0, 3]))) == 0.0
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: keras_moe.switch_loss([[1.0]], [1.0]), r"load.shape=\(1, 1\)"),
+    (lambda: keras_moe.switch_loss([1.0], 1.0), r"mean_probability.shape=\(\)"),
+    (lambda: keras_moe.router_z_loss([1.0, 2.0]), r"logits.shape=\(2,\)"),
+])
+def test_losses_reject_wrong_ranks(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

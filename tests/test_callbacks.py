@@ -1,6 +1,7 @@
 """keras_moe.callbacks.RoutingMonitor: TensorBoard histograms of per-expert
 load and importance at increasing steps, read back from the event files and
-checked against the layer's own routing of each batch; the PNG heat map,
+checked against the layer's own routing of each batch (and a sigmoid
+router's bias after it); the PNG heat map,
 decoded by `tf.io.decode_png` and checked pixel by pixel; and its errors.
 The heat map's labels are checked in test_heatmap.py."""
 
@@ -410,3 +411,38 @@ def test_save_heatmap_errors(tmp_path):
     with pytest.raises(TypeError, match="Received: renderer=3"):
         monitor.save_heatmap(tmp_path / "x.png", renderer=3)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_sigmoid_routers_bias_is_recorded_after_each_batch(tmp_path):
+    """DeepSeek-V3's bias moves after every training batch (with the
+    weights held still): the monitor records it as the layer's state
+    after that batch, next to the load the bias was chosen with."""
+    def make_layer():
+        return keras_moe.MixtureOfExperts(
+            NUM_EXPERTS, k=2, name="moe", router="sigmoid_top_k",
+            gate_initializer=keras.initializers.RandomNormal(seed=2))
+
+    x, y = _data()
+    layer = make_layer()
+    model = _model(layer)
+    replay = make_layer()
+    replay.build((None, 6))
+    replay.set_weights(layer.get_weights())
+    monitor = RoutingMonitor(log_dir=tmp_path)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+              callbacks=[monitor])
+    expected_bias, expected_load = [], []
+    for b in range(NUM_BATCHES):
+        _, routing = replay(x[b * BATCH:(b + 1) * BATCH], training=True,
+                            return_routing=True)
+        expected_load.append(routing["load"].numpy())
+        expected_bias.append(replay.gating.expert_bias.numpy())
+    history = monitor.history["moe"]
+    assert sorted(history) == ["expert_bias", "importance", "load", "step"]
+    np.testing.assert_array_equal(history["load"], expected_load)
+    assert_close(history["expert_bias"], expected_bias, FORWARD,
+                 what="expert_bias")
+    assert np.abs(history["expert_bias"][-1]).max() > 0
+    events = _read_events(str(tmp_path))
+    assert [step for step, _ in events["moe/expert_bias"]] == [1, 2, 3]
+    assert events["moe/expert_bias"][0][1].histo.num == NUM_EXPERTS

@@ -214,3 +214,54 @@ def test_each_replica_reads_its_own_loss():
         count, loss = got.numpy()
         assert count == 1
         assert_close(loss, expected, ELEMENTWISE, what="aux_loss")
+
+
+@pytest.mark.parametrize("router_kwargs, keys", [
+    # The switch loss is the whole auxiliary loss (loss_coef=1).
+    (dict(router="softmax_top_k", loss_coef=1.0),
+     ("aux_loss", "switch_loss", "load_cv2", "max_overload")),
+    (dict(router="sigmoid_top_k", loss_coef=1.0),
+     ("aux_loss", "switch_loss", "load_cv2", "max_overload",
+      "bias_spread")),
+    # No balancing loss: the z-loss is the whole auxiliary loss.
+    (dict(router="expert_choice", dispatch="capacity", capacity_factor=0.25,
+          eval_capacity_factor=0.25, min_capacity=1, router_z_loss_coef=1.0),
+     ("aux_loss", "load_cv2", "max_overload", "z_loss",
+      "dropped_fraction")),
+], ids=["softmax_top_k", "sigmoid_top_k", "expert_choice"])
+def test_each_router_logs_its_metrics(router_kwargs, keys):
+    inputs = keras.Input((6,))
+    layer = keras_moe.MixtureOfExperts(
+        5, k=2, name="moe", gate_initializer=keras.initializers.RandomNormal(
+            seed=2), **router_kwargs)
+    model = keras.Model(inputs, keras.layers.Dense(1)(layer(inputs)))
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    x, y = _data()
+    # The routing fit's one batch sees (inference routes alike here, and
+    # leaves the sigmoid router's bias at zero, as fit found it).
+    _, routing = layer(x, return_routing=True)
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0).history
+    assert sorted(k for k in history if k.startswith("moe_")) == sorted(
+        f"moe_{key}" for key in keys)
+    expected = {
+        "aux_loss": float(routing["aux_loss"]),
+        "switch_loss": float(routing["aux_loss"]),
+        "z_loss": float(routing["aux_loss"]),
+        "load_cv2": float(keras_moe.cv_squared(routing["load"])),
+        "max_overload": float(keras_moe.max_overload(routing["load"])),
+        "dropped_fraction": float(routing.get("dropped_fraction", 0.0)),
+    }
+    if "bias_spread" in keys:
+        # Logged after the step's update: u * (1 - (-1)) once the load is
+        # uneven.
+        bias = layer.gating.expert_bias.numpy()
+        expected["bias_spread"] = float(bias.max() - bias.min())
+        assert expected["bias_spread"] == pytest.approx(2e-3)
+    if "dropped_fraction" in keys:
+        # 4 slots for each of 5 experts: some of the 16 tokens get none.
+        assert expected["dropped_fraction"] > 0
+    else:
+        assert expected["load_cv2"] > 0
+    for key in keys:
+        assert_close(history[f"moe_{key}"][0], expected[key], FORWARD,
+                     floor=1e-3, what=key)
