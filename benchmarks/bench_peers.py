@@ -30,8 +30,11 @@ exactly the expert work of a top-k layer. Compared with it:
                  noisy top-k router and the exact sparse dispatch
   ours_capacity  the same with dispatch="capacity" (capacity factor 1.25 in
                  training, 2.0 in inference)
-All three run relu experts on the same kernels (Model Garden's have
-biases, zero). Ratio: a method's time / Model Garden's time in the same
+  ours_expert_choice  Model Garden's routing in ours: router="expert_choice"
+                 (dispatch="capacity", capacity factor 1: each expert takes
+                 tokens * k / experts tokens of the batch)
+All run relu experts on the same kernels (Model Garden's have biases,
+zero). Ratio: a method's time / Model Garden's time in the same
 case; the useful FLOPs being equal, it is the ratio per useful FLOP.
 
 keras-hub: a one-layer MixtralBackbone (mixtral-like) or Qwen3MoeBackbone
@@ -173,6 +176,24 @@ def ratio(a, b):
     return a / b if a and b else None
 
 
+def build_expert_choice(shape, data):
+    """Our layer with Model Garden's routing: each expert takes its top
+    `tokens * k / experts` tokens (of the whole batch; Model Garden's of
+    each sequence), k * tokens slots in all, on configs.make_data's
+    weights."""
+    import keras_moe
+
+    layer = keras_moe.MixtureOfExperts(
+        shape["experts"], k=shape["k"], hidden_sizes=(shape["hidden"],),
+        router="expert_choice", dispatch="capacity", capacity_factor=1.0,
+        eval_capacity_factor=1.0, seed=1)
+    layer.build((None, shape["d"]))
+    layer.gating.gate_kernel.assign(data["gate_kernel"])
+    layer.experts.kernels[0].assign(data["kernel_0"])
+    layer.experts.kernels[1].assign(data["kernel_1"])
+    return layer
+
+
 def run_model_garden_case(name, family, mode, batches, plan, client):
     """Times ours and Model Garden on one (family, mode)."""
     import tensorflow as tf
@@ -187,12 +208,11 @@ def run_model_garden_case(name, family, mode, batches, plan, client):
     data = make_data(shape, seed)
     x = tf.constant(data["x"].reshape(shape["batch"], shape["seq"],
                                       shape["d"]))
-    runnables = []
-    for method, dispatch in (("ours_sparse", "sparse"),
-                             ("ours_capacity", "capacity")):
-        layer = build_ours(shape, data, dispatch)
-        runnables.append(Runnable(method, mode, step_functions(layer, mode),
-                                  (x,)))
+    layers = {"ours_sparse": build_ours(shape, data, "sparse"),
+              "ours_capacity": build_ours(shape, data, "capacity"),
+              "ours_expert_choice": build_expert_choice(shape, data)}
+    runnables = [Runnable(method, mode, step_functions(layer, mode), (x,))
+                 for method, layer in layers.items()]
     del data
     # Model Garden builds (and at the first case, imports) in its process
     # while ours trace here.

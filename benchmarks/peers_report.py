@@ -96,16 +96,15 @@ def markdown(results):
         a("Time per call (median), in brackets useful GFLOP/s; ÷MG = time "
           "/ Model Garden's time (below 1: ahead).")
         a("")
-        a("| shape | mode | tokens | useful GFLOP | ours_sparse | ÷MG "
-          "| ours_capacity | ÷MG | model_garden |")
-        a("|---|---|---|---|---|---|---|---|---|")
+        ours = ("ours_sparse", "ours_capacity", "ours_expert_choice")
+        a("| shape | mode | tokens | useful GFLOP | "
+          + " | ".join("%s | ÷MG" % m for m in ours) + " | model_garden |")
+        a("|---|---|---|---|" + "---|---|" * len(ours) + "---|")
         for case in results["model_garden"]:
-            a("| %s | %s | %s | %s | %s | %s |" % (
-                _shape_cells(case), _time_cell(case, "ours_sparse"),
-                fmt_r(case["vs_model_garden"]["ours_sparse"]),
-                _time_cell(case, "ours_capacity"),
-                fmt_r(case["vs_model_garden"]["ours_capacity"]),
-                _time_cell(case, "model_garden")))
+            a("| %s | %s | %s |" % (_shape_cells(case), " | ".join(
+                "%s | %s" % (_time_cell(case, m),
+                             fmt_r(case["vs_model_garden"][m]))
+                for m in ours), _time_cell(case, "model_garden")))
     if "keras_hub" in results:
         hub = meta["keras_hub"]
         a("")

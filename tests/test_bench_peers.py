@@ -31,6 +31,7 @@ MODEL_GARDEN_PYTHON = os.environ.get("KERAS_MOE_MODEL_GARDEN_PYTHON")
 # more experts and k, the training step (forward, backward and update).
 FAMILY = "qwen3-like"
 MODE = "train_step"
+OURS = ("ours_sparse", "ours_capacity", "ours_expert_choice")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_quick_run_reports_every_case(quick_run):
         assert "**Model Garden skipped: %s.**" % garden["error"] in stdout
     for case in results["model_garden"]:
         assert case["useful_gflop"] > 0, case
-        for method in ("ours_sparse", "ours_capacity"):
+        for method in OURS:
             assert case["times"][method]["median_s"] > 0, (case, method)
             assert case["useful_gflops_per_s"][method] > 0, (case, method)
         garden_time = case["times"]["model_garden"]
@@ -87,7 +88,7 @@ def test_quick_run_reports_every_case(quick_run):
             assert garden_time["median_s"] > 0, case
             assert case["model_garden_expert_slots"] == (
                 case["shape"]["k"] * case["shape"]["tokens"]), case
-            for method in ("ours_sparse", "ours_capacity"):
+            for method in OURS:
                 assert case["vs_model_garden"][method] > 0, (case, method)
         else:
             assert garden_time["median_s"] is None, case
