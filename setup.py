@@ -22,8 +22,10 @@ setup(
     python_requires=">=3.9",
     install_requires=["tensorflow>=2.16", "keras>=3.0", "numpy"],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-xdist"],
+        "test": ["pytest", "hypothesis", "pytest-xdist", "keras-hub>=0.32"],
         "examples": ["matplotlib"],
+        # keras_moe.integrations.keras_hub.sparsify
+        "keras_hub": ["keras-hub>=0.32"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
