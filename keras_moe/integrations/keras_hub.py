@@ -869,7 +869,10 @@ def sparsify(model):
             f"one. Received: model={model!r} (of type "
             f"{type(model).__name__})"
         )
-    _convert_blocks(backbone, family)
+    # The new variables where the model's are: mirrored if it was built in
+    # a strategy's scope (the default strategy's scope changes nothing).
+    with backbone.distribute_strategy.scope():
+        _convert_blocks(backbone, family)
     # Exactly keras-hub's class only: a subclass of the user's keeps its
     # class (and then saves as that class, which builds keras-hub blocks).
     if type(backbone) is family.backbone:
