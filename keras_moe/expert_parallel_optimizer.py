@@ -1,23 +1,70 @@
 """`ExpertParallelOptimizer`: any Keras optimizer, for models whose experts
 are sharded over the replicas of a `tf.distribute` strategy."""
 
-import collections
-
 import keras
-import numpy as np
 import tensorflow as tf
 
 from keras_moe import all_to_all, expert_shards, private_hooks
 from keras_moe.moe import MixtureOfExperts  # noqa: F401 (the example)
 
-# What `save_own_variables` writes for the slots of one sharded kernel:
-# the shards' slots of one name, in shard order.
-_SlotShards = collections.namedtuple("_SlotShards", ["kernel", "name", "slots"])
+
+class _SlotShards(expert_shards.ShardGroup):
+    """The slots of one name (`slot_name`) of the shards of one sharded
+    kernel, read and saved as one `[num_experts, ...]` slot, as the
+    replicated layer's optimizer has it."""
+
+    def __init__(self, kernel, slot_name):
+        # Filled shard by shard, as the wrapped optimizer makes them.
+        super().__init__([None] * len(kernel.shards), kernel.num_shards,
+                         kernel.first_shard)
+        self.kernel = kernel
+        self.slot_name = slot_name
+
+
+class _WholeList(tf.__internal__.tracking.Trackable):
+    """A list of trackables, checkpointed as a Keras tracked list is
+    (children "0", "1", ...)."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        return {str(i): item for i, item in enumerate(self.items)}
+
+
+class _WholeView(tf.__internal__.tracking.Trackable):
+    """What `tf.train.Checkpoint` saves of an optimizer (the wrapper, or the
+    optimizer it wraps): its children, with each tracked list of variables
+    holding every sharded kernel (and each group of shard slots) once,
+    whole, where the replicated model's optimizer holds the kernel (or its
+    slot). The checkpoint is then the same at any number of replicas."""
+
+    def __init__(self, wrapper, optimizer):
+        self.wrapper = wrapper
+        self.optimizer = optimizer
+        # One object per list: a checkpoint walks the children more than
+        # once and keys them by identity.
+        self.lists = {}
+
+    def children(self, children):
+        whole_children = {}
+        for name, child in children.items():
+            if isinstance(child, list):
+                whole = self.lists.setdefault(name, _WholeList([]))
+                whole.items = self.wrapper._whole(list(child))
+                child = whole
+            whole_children[name] = child
+        return whole_children
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        return self.children(
+            self.optimizer._trackable_children(save_type, **kwargs))
 
 
 class _ShardSlots:
     def __init__(self):
         self.slots = {}
+        self.views = None
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -125,12 +172,10 @@ class ExpertParallelOptimizer(keras.optimizers.Optimizer):
                     name=(f"{reference_variable.path.replace('/', '_')}_"
                           f"{name or 'var'}"),
                 )
-            slots = groups.setdefault(
-                (id(kernel), name),
-                _SlotShards(kernel, name, [None] * kernel.num_shards),
-            ).slots
-            slots[index] = slot
-            self._shards.slots[id(slot)] = groups[(id(kernel), name)]
+            group = groups.setdefault(
+                (id(kernel), name), _SlotShards(kernel, name))
+            group.shards[index - kernel.first_shard] = slot
+            self._shards.slots[id(slot)] = group
             return slot
 
         optimizer.add_variable_from_reference = add_variable_from_reference
@@ -221,40 +266,45 @@ class ExpertParallelOptimizer(keras.optimizers.Optimizer):
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
 
-    def _whole_variables(self):
-        """`self.variables` with the slots of a sharded kernel's shards as
-        one entry each (a `_SlotShards`, at its first shard's place)."""
+    def _whole(self, variables):
+        """`variables` with the shards of a sharded kernel as the kernel
+        and the slots of its shards as one `_SlotShards`, each once, where
+        its first shard is."""
         whole = []
-        for variable in self.variables:
-            slots = self._shards.slots.get(id(variable))
-            if slots is None:
+        for variable in variables:
+            group = self._shards.slots.get(id(variable))
+            shard = expert_shards.shard_of(variable)
+            if group is None and shard is not None:
+                group = shard[0]
+            if group is None:
                 whole.append(variable)
-            elif variable is slots.slots[0]:
-                whole.append(slots)
+            elif variable is group.shards[0]:
+                whole.append(group)
         return whole
 
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        children = super()._trackable_children(save_type, **kwargs)
+        if save_type == "checkpoint" and self._shards.slots:
+            if self._shards.views is None:
+                self._shards.views = (
+                    _WholeView(self, self),
+                    _WholeView(self, self.inner_optimizer))
+            own, inner = self._shards.views
+            children = dict(own.children(children), inner_optimizer=inner)
+        return children
+
     def save_own_variables(self, store):
-        for i, item in enumerate(self._whole_variables()):
-            if isinstance(item, _SlotShards):
-                store[str(i)] = np.concatenate(
-                    [np.asarray(s.numpy()) for s in item.slots])
-            else:
-                store[str(i)] = item.numpy()
+        for i, item in enumerate(self._whole(self.variables)):
+            store[str(i)] = item.numpy()
 
     def load_own_variables(self, store):
-        whole = self._whole_variables()
+        whole = self._whole(self.variables)
         if len(store.keys()) != len(whole):
             # As Keras's optimizers do: an unbuilt or different optimizer
             # starts afresh.
             return super().load_own_variables(store)
         for i, item in enumerate(whole):
-            value = store[str(i)]
-            if isinstance(item, _SlotShards):
-                for slot, part in zip(item.slots,
-                                      np.split(value, len(item.slots))):
-                    slot.assign(part)
-            else:
-                item.assign(value)
+            item.assign(store[str(i)])
 
     def get_config(self):
         return {

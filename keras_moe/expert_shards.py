@@ -1,5 +1,6 @@
-"""A stacked expert kernel `[num_experts, in, out]` held as one shard per
-replica device, that saves and loads as the whole kernel."""
+"""A stacked expert kernel `[num_experts, in, out]` (or its optimizer
+slots) held as one shard per replica device, that saves and loads as the
+whole tensor."""
 
 import numpy as np
 import tensorflow as tf
@@ -7,33 +8,22 @@ import tensorflow as tf
 from keras_moe import initialization, private_hooks, xla
 
 
-class ShardedKernel(tf.__internal__.tracking.Trackable):
-    """Layer `l` of every expert, split over the replicas' devices.
+class ShardGroup(tf.__internal__.tracking.Trackable):
+    """The shards of one `[num_experts, ...]` tensor, one per replica, read
+    and saved whole.
 
-    Shard `r` is an ordinary (not mirrored) variable
-    `[num_experts / num_shards, in, out]` on device `r`, holding experts
-    `[r * E / R, (r + 1) * E / R)`. Read whole (`value()`, `numpy()`,
-    `tf.convert_to_tensor`) it is the replicated layer's kernel, and it is
-    saved by `tf.train.Checkpoint` as that kernel (one tensor, restored into
-    any number of shards).
+    `shards` are this worker's (all of them but under
+    MultiWorkerMirroredStrategy, where each worker holds its replicas'),
+    `first_shard` on, of `num_shards` in all. Read whole (`value()`,
+    `numpy()`, `tf.convert_to_tensor`) they are one tensor, and
+    `tf.train.Checkpoint` saves them as that tensor (restored into any
+    number of shards).
     """
 
     def __init__(self, shards, num_shards=None, first_shard=0):
-        # This worker's shards, `first_shard` on (all of them, but under
-        # MultiWorkerMirroredStrategy, where each worker holds its own).
         self.shards = list(shards)
         self.first_shard = first_shard
         self._num_shards = num_shards or len(self.shards)
-        for index, shard in enumerate(self.shards, first_shard):
-            # What ExpertParallelOptimizer reads to keep the shard's update
-            # on its own device.
-            shard._keras_moe_shard = (self, index)
-            # Until an ExpertParallelOptimizer takes the shards: a plain
-            # optimizer then makes no slots for them (TensorFlow's would
-            # fail, unclearly, to mirror them), so that the layer's own
-            # error ("train with ExpertParallelOptimizer") is the one a
-            # user sees at the first training step.
-            shard.overwrite_with_gradient = True
 
     @property
     def num_shards(self):
@@ -93,6 +83,29 @@ class ShardedKernel(tf.__internal__.tracking.Trackable):
         return tf.group([s.value for s in self.shards])
 
 
+class ShardedKernel(ShardGroup):
+    """Layer `l` of every expert, split over the replicas' devices.
+
+    Shard `r` is an ordinary (not mirrored) variable
+    `[num_experts / num_shards, in, out]` on replica `r`'s device, holding
+    experts `[r * E / R, (r + 1) * E / R)`. Read whole it is the replicated
+    layer's kernel, and it is saved as that kernel (see `ShardGroup`).
+    """
+
+    def __init__(self, shards, num_shards=None, first_shard=0):
+        super().__init__(shards, num_shards, first_shard)
+        for index, shard in enumerate(self.shards, first_shard):
+            # What ExpertParallelOptimizer reads to keep the shard's update
+            # on its own device.
+            shard._keras_moe_shard = (self, index)
+            # Until an ExpertParallelOptimizer takes the shards: a plain
+            # optimizer then makes no slots for them (TensorFlow's would
+            # fail, unclearly, to mirror them), so that the layer's own
+            # error ("train with ExpertParallelOptimizer") is the one a
+            # user sees at the first training step.
+            shard.overwrite_with_gradient = True
+
+
 def _gathered_over_workers(kernel):
     """The whole kernel when each worker holds only its own shards
     (MultiWorkerMirroredStrategy): an all-gather, which every worker must
@@ -120,7 +133,7 @@ def _gathered_over_workers(kernel):
 
 
 tf.register_tensor_conversion_function(
-    ShardedKernel,
+    ShardGroup,
     lambda kernel, dtype=None, name=None, as_ref=False: tf.cast(
         kernel.value(), dtype or kernel.dtype),
 )

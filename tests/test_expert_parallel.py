@@ -4,6 +4,7 @@ and 4 logical CPUs: the all-to-all, training steps equal to the replicated
 layer's on one device, where the bytes live, saving and loading across
 replica counts, export, and the refusals."""
 
+import contextlib
 import os
 
 import keras
@@ -196,33 +197,44 @@ def test_saved_at_4_replicas_loads_at_2_at_1_and_without_a_strategy(
     model.save(path)
     weights_path = str(tmp_path / "model.weights.h5")
     model.save_weights(weights_path)
-    checkpoint = tf.train.Checkpoint(model=model).write(
-        str(tmp_path / "ckpt"))
+    checkpoint = tf.train.Checkpoint(
+        model=model, optimizer=model.optimizer).write(str(tmp_path / "ckpt"))
     with mirrored(2).scope():
         loaded = keras.models.load_model(path)
     with mirrored(1).scope():
         from_weights = _model()
         from_weights.load_weights(weights_path)
-    from_checkpoint = _model()
-    tf.train.Checkpoint(model=from_checkpoint).read(
-        checkpoint).assert_existing_objects_matched()
-    for other in (loaded, from_weights, from_checkpoint):
+    restored = []
+    for strategy in (mirrored(2), None):
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            from_checkpoint = _model()
+            optimizer = ExpertParallelOptimizer(_OPTIMIZERS["adam"]())
+            # Built before the restore, so that its slots exist.
+            optimizer.build(from_checkpoint.trainable_variables)
+        tf.train.Checkpoint(model=from_checkpoint, optimizer=optimizer).read(
+            checkpoint).assert_existing_objects_matched()
+        from_checkpoint.optimizer = optimizer
+        restored.append(from_checkpoint)
+    for other in (loaded, from_weights, *restored):
         for a, b in zip(_weights(other), want):
             np.testing.assert_array_equal(a, b)
     # The optimizer's state too: the shards' slots saved as whole slots,
-    # loaded into 2 shards each.
+    # loaded into 2 shards each (or 1 whole slot).
     assert loaded.get_layer("moe").experts.num_shards == 2
     saved_slots = [v for v in model.optimizer.variables
                    if "experts_kernel_0" in v.path]
-    loaded_slots = [v for v in loaded.optimizer.variables
-                    if "experts_kernel_0" in v.path]
-    assert len(saved_slots) == 8 and len(loaded_slots) == 4
-    for name in ("momentum", "velocity"):
-        np.testing.assert_array_equal(
-            np.concatenate([v.numpy() for v in loaded_slots
-                            if v.path.endswith(name)]),
-            np.concatenate([v.numpy() for v in saved_slots
-                            if v.path.endswith(name)]))
+    assert len(saved_slots) == 8
+    for other, count in ((loaded, 4), (restored[0], 4), (restored[1], 2)):
+        slots = [v for v in other.optimizer.variables
+                 if "experts_kernel_0" in v.path
+                 or "experts/kernel_0" in v.path]
+        assert len(slots) == count, [v.path for v in slots]
+        for name in ("momentum", "velocity"):
+            np.testing.assert_array_equal(
+                np.concatenate([v.numpy() for v in slots
+                                if v.path.endswith(name)]),
+                np.concatenate([v.numpy() for v in saved_slots
+                                if v.path.endswith(name)]))
     assert_close(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
                  FORWARD)
 

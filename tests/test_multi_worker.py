@@ -20,6 +20,7 @@ import json
 
 import numpy as np
 import pytest
+from numerics import STEP, assert_close
 from workers import harness
 
 
@@ -83,10 +84,11 @@ def test_experts_sharded_over_workers_train_as_one_process(tmp_path,
             per_worker_args=lambda i: ["--out", outs[i]],
         )
         # The replicated layer, no strategy, on the whole global batches.
-        reference = harness.model_weights(common.run_custom_loop(
+        reference_model = common.run_custom_loop(
             STEPS,
             build=lambda: common.build_expert_parallel_model(False),
-            make=common.make_expert_parallel_optimizer))
+            make=common.make_expert_parallel_optimizer)
+        reference = harness.model_weights(reference_model)
         initial_model = common.build_expert_parallel_model(False)
         initial = harness.model_weights(initial_model)
         procs.wait(workers, timeout=harness.timeout(90))
@@ -107,14 +109,22 @@ def test_experts_sharded_over_workers_train_as_one_process(tmp_path,
     for name, final, start in zip(chief[0], chief[1], initial[1]):
         if "last_" not in name:
             assert np.max(np.abs(final - start)) > 1e-3, name
-    # The chief's checkpoint holds the whole kernels: it restores into the
-    # replicated layer with no strategy.
+    # The chief's checkpoint holds the whole kernels and the whole
+    # optimizer slots (momentum) of every worker's shards: it restores
+    # into the replicated layer with no strategy.
     import tensorflow as tf
 
-    tf.train.Checkpoint(model=initial_model).read(
+    optimizer = common.make_expert_parallel_optimizer()
+    optimizer.build(initial_model.trainable_variables)
+    tf.train.Checkpoint(model=initial_model, optimizer=optimizer).read(
         str(ckpt_dir / "model")).assert_existing_objects_matched()
     harness.assert_same_weights(harness.model_weights(initial_model), chief,
                                 "restored checkpoint")
+    want_slots = [v.numpy() for v in reference_model.optimizer.variables]
+    got_slots = [v.numpy() for v in optimizer.variables]
+    assert len(got_slots) == len(want_slots) > 2
+    for got, want in zip(got_slots, want_slots):
+        assert_close(got, want, STEP * STEPS, what="optimizer variable")
 
 
 @pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,

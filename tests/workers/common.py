@@ -303,7 +303,8 @@ def fit_model(strategy, epochs, steps_per_epoch, callbacks=()):
 def run_custom_loop(num_steps, build=build_model, make=make_optimizer):
     """The reference: `num_steps` custom-loop steps in this process with no
     strategy, each on the whole global batch, on the CPU. Returns the
-    model (made by `build()`, trained by `make()`)."""
+    model (made by `build()`, trained by `make()`, which is its
+    `.optimizer`)."""
     import tensorflow as tf
 
     # On the CPU, as the workers: a GPU would compute (TF32 matmuls) to
@@ -316,6 +317,7 @@ def run_custom_loop(num_steps, build=build_model, make=make_optimizer):
         x, y = global_batches(num_steps)
         for s in range(num_steps):
             train_step(x[s], y[s])
+    model.optimizer = optimizer
     return model
 
 

@@ -12,8 +12,8 @@ through its private `_initialize_local_devices`: a test-only patch).
 
 Writes the whole weights (sharded kernels all-gathered) to `--out` as
 `names, w0, w1, ...` plus `local_shapes` (the shapes of the sharded
-kernels this worker holds), and a `tf.train.Checkpoint` of the model (the
-chief's in `--ckpt-dir`, the others' in a temporary directory removed
+kernels this worker holds), and a `tf.train.Checkpoint` of the model and
+the optimizer (the chief's in `--ckpt-dir`, the others' in a temporary directory removed
 after), and exits 0.
 """
 
@@ -64,7 +64,7 @@ for s in range(args.steps):
 
 with strategy.scope():
     names, weights = common.whole_weights(model)
-    checkpoint = tf.train.Checkpoint(model=model)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
     write_dir = (args.ckpt_dir if task_index == 0
                  else f"{args.ckpt_dir}.worker{task_index}")
     checkpoint.write(f"{write_dir}/model")
