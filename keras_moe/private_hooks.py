@@ -52,6 +52,14 @@ upgrade moves or changes it.
   the decay of expert shards itself, on their devices, and must honour the
   exclusions; Keras has no public test. If it moves, `uses_weight_decay`
   raises AttributeError naming it.
+- `Layer._tracker.replace_tracked_value` (Keras): puts a sublayer in
+  another's place among a layer's tracked sublayers. Keras locks a built
+  layer's state ("You cannot add new elements of state ... to a layer that
+  is already built") and has no public way to replace a sublayer;
+  `replace_sublayer` uses it to swap a keras-hub decoder layer's MoE block
+  for a sparse one (`keras_moe.integrations.keras_hub.sparsify`), in the old
+  block's place so the weights keep their order. If it moves,
+  `replace_sublayer` raises AttributeError naming it.
 """
 
 import threading
@@ -212,6 +220,25 @@ def uses_weight_decay(optimizer, variable):
             f"({versions()})."
         )
     return optimizer._use_weight_decay(variable)
+
+
+def replace_sublayer(layer, attribute, new_sublayer):
+    """Puts `new_sublayer` in place of `layer`'s sublayer `attribute`, in
+    its place among `layer`'s tracked sublayers (the weights keep their
+    order), on a built `layer` too."""
+    old_sublayer = getattr(layer, attribute)
+    tracker = getattr(layer, "_tracker", None)
+    if not hasattr(tracker, "replace_tracked_value"):
+        raise AttributeError(
+            "keras_moe.integrations.keras_hub needs Keras's private "
+            "`Layer._tracker.replace_tracked_value`, which this Keras does "
+            f"not have ({versions()})."
+        )
+    tracker.replace_tracked_value("layers", old_sublayer, new_sublayer)
+    # Tracked already, so Keras's `__setattr__` adds nothing (and does not
+    # refuse: a built layer's state is locked); TensorFlow's tracking
+    # follows the attribute.
+    setattr(layer, attribute, new_sublayer)
 
 
 def versions():

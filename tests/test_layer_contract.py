@@ -310,6 +310,9 @@ def test_every_layer_has_a_case():
                         *keras.saving.get_custom_objects().values()]
         if isinstance(obj, type) and issubclass(obj, keras.layers.Layer)
         and obj.__module__.startswith("keras_moe")
+        # keras-hub's classes underneath (their calls return keras-hub's
+        # tuples): tests/test_keras_hub.py tests them against keras-hub.
+        and not obj.__module__.startswith("keras_moe.integrations")
     }
     assert SecondaryGating in layers
     missing = layers - {case.cls for case in CASES}

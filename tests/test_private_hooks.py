@@ -255,3 +255,37 @@ def test_optimizer_use_weight_decay_honours_exclusions():
         hook, "a decayed variable reads as excluded")
     assert private_hooks.uses_weight_decay(optimizer, excluded) is False, (
         _moved(hook, "an excluded variable reads as decayed"))
+
+
+# --- Layer._tracker.replace_tracked_value ------------------------------------
+
+class _TwoDense(keras.layers.Layer):
+    def build(self, input_shape):
+        self.first = keras.layers.Dense(2, name="first")
+        self.first.build(input_shape)
+        self.second = keras.layers.Dense(3, name="second")
+        self.second.build((None, 2))
+
+    def call(self, x):
+        return self.second(self.first(x))
+
+
+def test_replace_sublayer_of_a_built_layer_in_its_place():
+    hook = "Layer._tracker.replace_tracked_value"
+    layer = _TwoDense()
+    layer.build((None, 4))
+    # Keras refuses new state in a built layer: what the hook is for.
+    with pytest.raises(ValueError, match="already built"):
+        layer.first = keras.layers.Dense(2)
+    new = keras.layers.Dense(2, name="new")
+    new.build((None, 4))
+    old = layer.first
+    private_hooks.replace_sublayer(layer, "first", new)
+    assert layer.first is new
+    assert [id(w) for w in layer.weights] == [
+        id(new.kernel), id(new.bias), id(layer.second.kernel),
+        id(layer.second.bias)], _moved(hook, "the weights are not in order")
+    assert old not in private_hooks.all_sublayers(layer), _moved(
+        hook, "the old sublayer is still tracked")
+    x = np.ones((1, 4), "float32")
+    np.testing.assert_allclose(layer(x), layer.second(new(x)))
