@@ -3,6 +3,8 @@
 import re
 import struct
 
+import pytest
+
 from example_runner import check_ran, run_example
 
 def test_quickstart_quick():
@@ -67,3 +69,12 @@ def test_inspect_routing_quick(tmp_path):
     # and the colour bar around them (tests/test_heatmap.py: the layout).
     assert width > 16 * 2 and height > 4 * 8, (width, height)
     assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+
+
+def test_sparsify_keras_hub_quick():
+    pytest.importorskip("keras_hub")
+    result = run_example("sparsify_keras_hub.py", "--quick")
+    output = check_ran(result, "sparsify_keras_hub.py --quick")
+    assert ("keras-hub's model with these weights generates the same "
+            "tokens") in result.stdout, output
+    assert "all checks passed" in result.stdout, output
