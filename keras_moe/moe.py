@@ -2,14 +2,11 @@
 `LocalMixtureOfExperts` as a Keras layer, composed of a router, a
 dispatcher and experts."""
 
-import math
-
 import keras
 import tensorflow as tf
 
-from keras_moe import (
-    all_to_all, initialization, routers, sparse_mixture, validation, xla,
-)
+from keras_moe import initialization, routers, validation, xla
+from keras_moe.capacity import slots_per_expert
 from keras_moe.dispatch import CapacityDispatcher, SparseDispatcher
 from keras_moe.expert_choice import ExpertChoiceDispatcher
 from keras_moe.experts import FeedForwardExperts
@@ -548,30 +545,13 @@ class MixtureOfExperts(_SparseMixtureBase):
     def _capacity(self, x, training):
         """Slots per expert: `capacity_factor * tokens * k / num_experts`
         rounded up, at least `min_capacity`, at most the token count (which
-        can drop nothing). A Python int when the token count is static."""
+        can drop nothing); with sharded experts, the same on every replica
+        (their all-to-all moves slabs of one shape). A Python int when the
+        token count is static."""
         factor = self.capacity_factor if training else self.eval_capacity_factor
-        share = factor * self.gating.k / self.num_experts
-        num_tokens = x.shape[0]
-        if num_tokens is not None and self.experts.num_shards == 1:
-            return max(1, min(num_tokens, max(
-                self.min_capacity, math.ceil(share * num_tokens))))
-        num_tokens = tf.shape(x)[0]
-        if self.experts.num_shards > 1:
-            num_replicas, _ = all_to_all.replica_layout()
-            if num_replicas > 1:
-                # The slabs of every replica must have one shape: the
-                # capacity of the replica with the most tokens (a ragged
-                # last batch gives replicas different counts).
-                # (tf.distribute reduces only by SUM and MEAN.)
-                counts = tf.distribute.get_replica_context().all_gather(
-                    tf.reshape(tf.cast(num_tokens, tf.float32), [1]), 0)
-                num_tokens = tf.cast(tf.reduce_max(counts), tf.int32)
-        wanted = tf.cast(
-            tf.math.ceil(share * tf.cast(num_tokens, tf.float32)), tf.int32
-        )
-        return tf.maximum(
-            1, tf.minimum(num_tokens, tf.maximum(self.min_capacity, wanted))
-        )
+        return slots_per_expert(
+            x, factor, self.gating.k, self.num_experts, self.min_capacity,
+            same_on_every_replica=self.experts.num_shards > 1)
 
     def _balance(self, statistics):
         return statistics["importance"], statistics["load"]
