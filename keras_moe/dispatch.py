@@ -210,6 +210,9 @@ class CapacityDispatcher:
             largest positive gates, the rest are ignored.
         k: int, the most experts a row uses.
         capacity: int (or scalar int tensor) >= 1, slots per expert.
+        expert_index: optional int tensor `[batch, k]`, the experts each row
+            chose (a router's choice, not computed again); without it, the
+            `k` largest gates.
 
     Example:
 
@@ -222,13 +225,19 @@ class CapacityDispatcher:
     0.2
     """
 
-    def __init__(self, num_experts, gates, k, capacity):
+    def __init__(self, num_experts, gates, k, capacity, expert_index=None):
         self._num_experts, gates = _check_gates(num_experts, gates)
         k = validation.check_int("k", k, 1, num_experts)
         capacity = _check_capacity(capacity)
         self._capacity = capacity
         self._gates = gates
-        top_gates, expert_index = tf.math.top_k(gates, k)
+        if expert_index is None:
+            top_gates, expert_index = tf.math.top_k(gates, k)
+        else:
+            expert_index = tf.cast(expert_index, tf.int32)
+            expert_index = tf.ensure_shape(
+                expert_index, [gates.shape[0], k], name="expert_index")
+            top_gates = tf.gather(gates, expert_index, batch_dims=1)
         active = top_gates > 0
         batch = tf.shape(gates)[0]
         # Which experts each row chose (its `k` largest positive gates):

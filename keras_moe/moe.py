@@ -476,6 +476,7 @@ class MixtureOfExperts(_SparseMixtureBase):
         if self.dispatch == "capacity":
             dispatcher = CapacityDispatcher(
                 self.num_experts, gates, self.gating.k, capacity,
+                expert_index=expert_index,
             )
             expert_outputs = self.experts(
                 tf.cast(dispatcher.dispatch(x), self.compute_dtype)

@@ -65,6 +65,26 @@ def test_only_the_k_chosen_experts_queue():
                  what="combined")
 
 
+def test_a_routers_choice_is_followed_not_recomputed():
+    # A router (e.g. the sigmoid one, whose bias chooses) picked expert 1
+    # for row 0 although its gate for expert 0 is larger.
+    gates = tf.constant([[0.6, 0.4], [0.0, 1.0], [1.0, 0.0]])
+    chosen = tf.constant([[1], [1], [0]])
+    dispatcher = CapacityDispatcher(2, gates, k=1, capacity=1,
+                                    expert_index=chosen)
+    inputs = tf.constant([[1.0], [2.0], [3.0]])
+    # Expert 1's one slot goes to row 0 (first in row order), row 1 drops.
+    np.testing.assert_array_equal(
+        dispatcher.dispatch(inputs)[:, :, 0], [[3.0], [1.0]])
+    assert_close(dispatcher.combine(dispatcher.dispatch(inputs)),
+                 [[0.4], [0.0], [3.0]], ELEMENTWISE, what="combined")
+    # Given the top-k itself, the same as without it.
+    top = CapacityDispatcher(2, gates, k=1, capacity=1,
+                             expert_index=tf.constant([[0], [1], [0]]))
+    plain = CapacityDispatcher(2, gates, k=1, capacity=1)
+    np.testing.assert_array_equal(top.dispatch(inputs), plain.dispatch(inputs))
+
+
 @pytest.mark.parametrize("capacity, error, message", [
     (0, ValueError, "capacity=0"),
     (tf.constant(0), ValueError, "capacity=0"),
