@@ -20,6 +20,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
+from keras_moe.gating import NoisyTopKGating
 from keras_moe.hierarchical import HierarchicalMixtureOfExperts
 from keras_moe.moe import MixtureOfExperts
 
@@ -65,6 +66,22 @@ def load_tf1_checkpoint(layer, checkpoint, name):
             f"on an input or call `layer.build(input_shape)`. Received: "
             f"layer={layer.name!r} (not built)"
         )
+    if isinstance(layer, MixtureOfExperts):
+        # What the original had: the noisy top-k gating, plain experts.
+        extras = []
+        if not isinstance(layer.gating, NoisyTopKGating):
+            extras.append(f"router={type(layer.gating).__name__}")
+        if layer.experts.glu:
+            extras.append("glu=True")
+        if layer.shared_expert is not None:
+            extras.append("a shared expert")
+        if extras:
+            raise ValueError(
+                "The original's checkpoints hold a noisy top-k gating and "
+                "plain feed-forward experts; this layer has no counterpart "
+                f"for its {', '.join(extras)}. Received: "
+                f"layer={layer.name!r}"
+            )
     if not isinstance(name, str) or not name:
         raise ValueError(
             f"`name` must be the original MoE's name, a non-empty string. "

@@ -413,6 +413,18 @@ def test_wrong_name_raises():
     assert_unchanged(layer, before)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"router": "softmax_top_k"}, "SoftmaxTopKRouter"),
+    ({"glu": True}, "glu=True"),
+    ({"shared_expert_hidden_sizes": (4,)}, "a shared expert"),
+])
+def test_what_the_original_never_had_is_refused(kwargs, message):
+    layer = keras_moe.MixtureOfExperts(4, hidden_sizes=(3,), **kwargs)
+    layer.build((None, 5))
+    with pytest.raises(ValueError, match=message):
+        load_tf1_checkpoint(layer, committed_prefix("local"), "moe")
+
+
 # --------------------------------------------------------------------------
 # A checkpoint written now by the original (when it is found).
 # --------------------------------------------------------------------------
