@@ -96,8 +96,8 @@ FAMILIES = collections.OrderedDict([
     ("mixtral-like", dict(d=512, hidden=1792, experts=8, k=2)),
     ("qwen3-like", dict(d=512, hidden=192, experts=128, k=8)),
 ])
-# --quick: what the tests run, seconds; the same k and the same experts
-# per token share, tiny matrices.
+# --quick: what the tests run, seconds: the same k, fewer experts (each is
+# traced), tiny matrices.
 QUICK_FAMILIES = collections.OrderedDict([
     ("mixtral-like", dict(d=16, hidden=32, experts=8, k=2)),
     ("qwen3-like", dict(d=16, hidden=8, experts=16, k=8)),
