@@ -17,7 +17,7 @@ NOT_RUN = "<!-- not run by tests/test_docs.py -->"
 # distributed.md's examples split the CPU into logical devices before
 # TensorFlow starts; tests/test_distribute.py runs the same programs.
 PAGES = ["README.md", "docs/guide.md", "docs/api.md", "docs/embedding.md",
-         "docs/migration.md", "docs/keras_hub.md"]
+         "docs/migration.md", "docs/keras_hub.md", "docs/routers.md"]
 
 # Runs each block in a fresh namespace, in page order; resets Keras's
 # global state between blocks, as separate programs would have it.
