@@ -34,11 +34,10 @@ MODE = "train_step"
 OURS = ("ours_sparse", "ours_capacity", "ours_expert_choice")
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    # In this process (TensorFlow is imported already, which saves seconds);
-    # Model Garden in its worker process, as always.
-    out = tmp_path_factory.mktemp("bench_peers")
+def _quick_run(out):
+    """The JSON and markdown of a --quick run of both peers, one case each.
+    In this process (TensorFlow is imported already, which saves seconds);
+    Model Garden in its worker process, as always."""
     python = MODEL_GARDEN_PYTHON or sys.executable
     assert bench_peers.main([
         "--quick", "--families", FAMILY, "--modes", MODE,
@@ -65,8 +64,15 @@ def test_model_garden_runs_k_slots_per_token(batches, families):
                 shape, shape["k"]) == shape["k"] * shape["tokens"], shape
 
 
-def test_quick_run_reports_every_case(quick_run):
-    results, stdout = quick_run
+def test_quick_run_reports_every_case(tmp_path):
+    # One test for both peers' checks: one run (under pytest-xdist a shared
+    # fixture would run once per worker).
+    results, stdout = _quick_run(tmp_path)
+    _check_model_garden(results, stdout)
+    _check_keras_hub(results, stdout)
+
+
+def _check_model_garden(results, stdout):
     cases = [(c["family"], c["mode"]) for c in results["model_garden"]]
     assert cases == [(FAMILY, MODE)]
     garden = results["meta"]["model_garden"]
@@ -111,8 +117,7 @@ def test_quick_run_reports_every_case(quick_run):
         assert line in stdout, line
 
 
-def test_quick_run_reports_the_keras_hub_cases(quick_run):
-    results, stdout = quick_run
+def _check_keras_hub(results, stdout):
     cases = results["keras_hub"]
     assert [(c["family"], c["mode"]) for c in cases] == [(FAMILY, MODE)]
     hub = results["meta"]["keras_hub"]
