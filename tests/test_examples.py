@@ -71,6 +71,9 @@ def test_inspect_routing_quick(tmp_path):
     assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
 
 
+# tests/test_keras_hub.py checks the same (outputs, loss, fit, generate)
+# on smaller models.
+@pytest.mark.slow
 def test_sparsify_keras_hub_quick():
     pytest.importorskip("keras_hub")
     result = run_example("sparsify_keras_hub.py", "--quick")
