@@ -140,27 +140,9 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             routing_metrics=routing_metrics,
             **kwargs,
         )
-        if dispatch not in ("sparse", "capacity"):
-            raise ValueError(
-                "`dispatch` must be 'sparse' or 'capacity'. "
-                f"Received: dispatch={dispatch!r}"
-            )
-        self.dispatch = dispatch
-        self.capacity_factor = validation.check_positive_float(
-            "capacity_factor", capacity_factor
-        )
-        self.eval_capacity_factor = validation.check_positive_float(
-            "eval_capacity_factor", eval_capacity_factor
-        )
-        self.min_capacity = validation.check_int("min_capacity", min_capacity, 1)
-        expert_parallel = validation.check_bool(
-            "expert_parallel", expert_parallel)
-        if expert_parallel and dispatch != "capacity":
-            raise ValueError(
-                "`expert_parallel=True` needs `dispatch=\"capacity\"`: the "
-                "all-to-all between replicas moves slabs of a static shape. "
-                f"Received: dispatch={dispatch!r}"
-            )
+        expert_parallel = self._init_dispatch(
+            dispatch, capacity_factor, eval_capacity_factor, min_capacity,
+            expert_parallel)
         if self._drops_tokens() and self.routing_metrics:
             self._routing_trackers["dropped_fraction"] = keras.metrics.Mean(
                 name=f"{self.name}_dropped_fraction"
@@ -558,10 +540,6 @@ class HierarchicalMixtureOfExperts(_SparseMixtureBase):
             "k": primary.k,
             "group_k": self.secondary_gating.k,
             "seed": self.seed,
-            "dispatch": self.dispatch,
-            "capacity_factor": self.capacity_factor,
-            "eval_capacity_factor": self.eval_capacity_factor,
-            "min_capacity": self.min_capacity,
-            "expert_parallel": self.expert_parallel,
+            **self._dispatch_config(),
         }
         return {**base_config, **config}

@@ -202,27 +202,9 @@ class MixtureOfExperts(_SparseMixtureBase):
             router_z_loss_coef=router_z_loss_coef,
             **kwargs,
         )
-        if dispatch not in ("sparse", "capacity"):
-            raise ValueError(
-                "`dispatch` must be 'sparse' or 'capacity'. "
-                f"Received: dispatch={dispatch!r}"
-            )
-        self.dispatch = dispatch
-        self.capacity_factor = validation.check_positive_float(
-            "capacity_factor", capacity_factor
-        )
-        self.eval_capacity_factor = validation.check_positive_float(
-            "eval_capacity_factor", eval_capacity_factor
-        )
-        self.min_capacity = validation.check_int("min_capacity", min_capacity, 1)
-        expert_parallel = validation.check_bool(
-            "expert_parallel", expert_parallel)
-        if expert_parallel and dispatch != "capacity":
-            raise ValueError(
-                "`expert_parallel=True` needs `dispatch=\"capacity\"`: the "
-                "all-to-all between replicas moves slabs of a static shape. "
-                f"Received: dispatch={dispatch!r}"
-            )
+        expert_parallel = self._init_dispatch(
+            dispatch, capacity_factor, eval_capacity_factor, min_capacity,
+            expert_parallel)
         # The capacity dispatch has static shapes and compiles with XLA;
         # the all-to-all between replicas does not (on CPU, XLA with a
         # strategy fails even without it).
@@ -571,11 +553,7 @@ class MixtureOfExperts(_SparseMixtureBase):
             "num_experts": self.num_experts,
             "k": gating.k,
             "seed": arguments["seed"],
-            "dispatch": self.dispatch,
-            "capacity_factor": self.capacity_factor,
-            "eval_capacity_factor": self.eval_capacity_factor,
-            "min_capacity": self.min_capacity,
-            "expert_parallel": self.expert_parallel,
+            **self._dispatch_config(),
             "router": (self.router if self.router is not None
                        else keras.saving.serialize_keras_object(gating)),
             "normalize_top_k": arguments["normalize_top_k"],

@@ -133,6 +133,43 @@ class _SparseMixtureBase(keras.layers.Layer):
     def output_dim(self):
         return self.experts.layer_sizes[-1]
 
+    def _init_dispatch(self, dispatch, capacity_factor, eval_capacity_factor,
+                       min_capacity, expert_parallel):
+        """Checks and keeps the dispatch arguments of the layers (`dispatch`,
+        the capacity's, `expert_parallel`); returns `expert_parallel`
+        checked."""
+        if dispatch not in ("sparse", "capacity"):
+            raise ValueError(
+                "`dispatch` must be 'sparse' or 'capacity'. "
+                f"Received: dispatch={dispatch!r}"
+            )
+        self.dispatch = dispatch
+        self.capacity_factor = validation.check_positive_float(
+            "capacity_factor", capacity_factor
+        )
+        self.eval_capacity_factor = validation.check_positive_float(
+            "eval_capacity_factor", eval_capacity_factor
+        )
+        self.min_capacity = validation.check_int("min_capacity", min_capacity, 1)
+        expert_parallel = validation.check_bool(
+            "expert_parallel", expert_parallel)
+        if expert_parallel and dispatch != "capacity":
+            raise ValueError(
+                "`expert_parallel=True` needs `dispatch=\"capacity\"`: the "
+                "all-to-all between replicas moves slabs of a static shape. "
+                f"Received: dispatch={dispatch!r}"
+            )
+        return expert_parallel
+
+    def _dispatch_config(self):
+        return {
+            "dispatch": self.dispatch,
+            "capacity_factor": self.capacity_factor,
+            "eval_capacity_factor": self.eval_capacity_factor,
+            "min_capacity": self.min_capacity,
+            "expert_parallel": self.expert_parallel,
+        }
+
     def _output_dim_for(self, input_dim):
         return self.experts.output_dim or input_dim
 
