@@ -416,10 +416,11 @@ def _hierarchical_trained(model, batch_size=16):
     return _hierarchical_weights(model), history.history
 
 
+# 4 replicas repeat 2 at twice the tracing time: slow.
+@pytest.mark.parametrize("num_replicas", [
+    2, pytest.param(4, marks=pytest.mark.slow)])
 def test_hierarchical_groups_live_on_their_replica_and_train_as_one_device(
-        tmp_path):
-    # (2 replicas: the test of drops below.)
-    num_replicas = 4
+        num_replicas, tmp_path):
     # No (token, group) choice dropped, no noise: the replicated layer on
     # one device.
     reference = _hierarchical_model(expert_parallel=False)
